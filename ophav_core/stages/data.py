@@ -1,0 +1,456 @@
+"""Typed data passed between the five stages.
+
+Every container validates itself on construction: a wrong shape, a NaN or a frame-count mismatch raises
+:class:`~ophav_core.errors.InvalidData` with a message that names the field. Containers are plain numpy and
+save to / load from ``.npz`` files (no pickle), written atomically.
+
+Conventions (shared by every stage):
+
+* Images are ``uint8`` RGB, shape ``(H, W, 3)``; frame stacks ``(N, H, W, 3)``.
+* Cameras are pinhole, OpenCV convention: x right, y down, z forward (into the scene); ``K`` maps camera
+  coordinates to pixels, ``u = fx * x / z + cx``, pixel centres at integer coordinates.
+* Head pose maps the canonical (head) space into camera space: ``X_cam = R @ X_canonical + t``.
+* The canonical mesh is the person's neutral face in head space; a frame's mesh is
+  ``R @ (canonical + expression_basis . expression) + t``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ophav_core.errors import InvalidData
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_array(owner: str, name: str, value: Any, shape: tuple, dtype_kind: str | None = None) -> np.ndarray:
+    """Check ``value`` against ``shape`` where ints are exact sizes, ``None`` any size and strings named sizes
+    that must agree across fields (resolved by the caller through :func:`_bind`)."""
+    if not isinstance(value, np.ndarray):
+        raise InvalidData(f"{owner}.{name}: expected a numpy array, got {type(value).__name__}")
+    if value.ndim != len(shape):
+        raise InvalidData(f"{owner}.{name}: expected {len(shape)} dimensions {_fmt(shape)}, got shape {value.shape}")
+    for axis, (want, got) in enumerate(zip(shape, value.shape)):
+        if isinstance(want, int) and want != got:
+            raise InvalidData(f"{owner}.{name}: axis {axis} must be {want} {_fmt(shape)}, got shape {value.shape}")
+    if dtype_kind is not None and value.dtype.kind not in dtype_kind:
+        raise InvalidData(f"{owner}.{name}: expected dtype kind {dtype_kind!r}, got {value.dtype}")
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        bad = int((~np.isfinite(value)).sum())
+        raise InvalidData(f"{owner}.{name}: contains {bad} NaN or infinite values")
+    return value
+
+
+def _fmt(shape: tuple) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def _bind(owner: str, sizes: dict[str, int], key: str, value: int, what: str) -> None:
+    if key in sizes and sizes[key] != value:
+        raise InvalidData(f"{owner}: {what} has {key}={value} but an earlier field has {key}={sizes[key]}")
+    sizes.setdefault(key, value)
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _NpzContainer:
+    """Save/load for dataclass containers whose fields are arrays, numbers, strings or string lists."""
+
+    _kind: ClassVar[str]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"__kind__": np.array(self._kind)}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    out[f"{f.name}::{key}"] = np.asarray(item)
+            else:
+                out[f.name] = np.asarray(value)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]):
+        kind = str(arrays.get("__kind__", ""))
+        if kind != cls._kind:
+            raise InvalidData(f"expected a {cls._kind} file, found {kind or 'something else'}")
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            nested = {k.split("::", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{f.name}::")}
+            if nested:
+                kwargs[f.name] = nested
+            elif f.name in arrays:
+                value = arrays[f.name]
+                kwargs[f.name] = value.item() if value.ndim == 0 and value.dtype.kind in "fiUb" else value
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.to_arrays())
+        atomic_write_bytes(path, buffer.getvalue())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        with np.load(path, allow_pickle=False) as data:
+            return cls.from_arrays({k: data[k] for k in data.files})
+
+
+# ---------------------------------------------------------------------------------------------- containers
+
+
+@dataclass
+class Portrait(_NpzContainer):
+    """The single input photo.
+
+    image: uint8 (H, W, 3), RGB.
+    source: where it came from (a path or a description), for reports.
+    """
+
+    image: np.ndarray
+    source: str = ""
+    _kind: ClassVar[str] = "ophav.Portrait"
+
+    def __post_init__(self) -> None:
+        _check_array("Portrait", "image", self.image, (None, None, 3), "u")
+        if self.image.dtype != np.uint8:
+            raise InvalidData(f"Portrait.image: expected uint8, got {self.image.dtype}")
+        if min(self.image.shape[:2]) < 32:
+            raise InvalidData(f"Portrait.image: {self.image.shape[1]}x{self.image.shape[0]} is too small (at least 32x32)")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+@dataclass
+class FrameSet(_NpzContainer):
+    """A video as a stack of frames.
+
+    frames: uint8 (N, H, W, 3), RGB.
+    fps: frames per second (> 0).
+    driving: optional per-frame driving parameters, each array (N, ...) (e.g. ``yaw``/``pitch``/``roll`` in
+        degrees, named expression intensities); saved next to the frames so a coarse video can be explained.
+    """
+
+    frames: np.ndarray
+    fps: float = 25.0
+    driving: dict[str, np.ndarray] = field(default_factory=dict)
+    _kind: ClassVar[str] = "ophav.FrameSet"
+
+    def __post_init__(self) -> None:
+        _check_array("FrameSet", "frames", self.frames, (None, None, None, 3), "u")
+        if self.frames.dtype != np.uint8:
+            raise InvalidData(f"FrameSet.frames: expected uint8, got {self.frames.dtype}")
+        if len(self.frames) == 0:
+            raise InvalidData("FrameSet.frames: no frames")
+        self.fps = float(self.fps)
+        if not self.fps > 0:
+            raise InvalidData(f"FrameSet.fps: must be positive, got {self.fps}")
+        for key, value in self.driving.items():
+            value = np.asarray(value)
+            if value.shape[:1] != (len(self.frames),):
+                raise InvalidData(f"FrameSet.driving[{key!r}]: has {value.shape[:1]} rows for {len(self.frames)} frames")
+            self.driving[key] = value
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+
+@dataclass
+class MaskSet(_NpzContainer):
+    """Per-frame head alpha mattes.
+
+    alpha: float32 (N, H, W) in [0, 1]; 1 = head (face, hair, ears), 0 = background, body and clothes.
+    """
+
+    alpha: np.ndarray
+    _kind: ClassVar[str] = "ophav.MaskSet"
+
+    def __post_init__(self) -> None:
+        _check_array("MaskSet", "alpha", self.alpha, (None, None, None), "f")
+        self.alpha = self.alpha.astype(np.float32, copy=False)
+        if self.alpha.size and (self.alpha.min() < -1e-6 or self.alpha.max() > 1 + 1e-6):
+            raise InvalidData(f"MaskSet.alpha: values must lie in [0, 1], got [{self.alpha.min()}, {self.alpha.max()}]")
+
+    def __len__(self) -> int:
+        return int(self.alpha.shape[0])
+
+    def check_matches(self, frames: FrameSet) -> None:
+        if self.alpha.shape != frames.frames.shape[:3]:
+            raise InvalidData(f"MaskSet.alpha has shape {self.alpha.shape} but the frames are {frames.frames.shape[:3]}")
+
+
+@dataclass
+class Tracking(_NpzContainer):
+    """Camera, head pose, expression and face mesh for every frame.
+
+    K: float64 (3, 3) pinhole intrinsics for images of ``image_size``.
+    image_size: int (2,) = (width, height) the intrinsics refer to.
+    rotation: float32 (N, 3, 3) head rotation, canonical -> camera.
+    translation: float32 (N, 3) head translation, canonical -> camera (same length unit as the mesh).
+    expression: float32 (N, E) expression coefficients in ``expression_basis``.
+    vertices: float32 (N, V, 3) the tracked mesh of each frame, camera space.
+    canonical_vertices: float32 (V, 3) the person's neutral mesh, head space.
+    faces: int32 (F, 3) triangles (vertex indices, counter-clockwise seen from outside).
+    expression_basis: float32 (E, V, 3) vertex offsets per unit coefficient, head space.
+    landmarks: float32 (N, L, 2) optional detected 2D landmarks in pixels (what the tracker saw).
+    valid: bool (N,) whether a face was found in the frame (False frames were interpolated).
+    semantic: named vertex groups, ``name -> int array of vertex indices``; at least ``left_eye``,
+        ``right_eye``, ``nose``, ``mouth_left``, ``mouth_right`` (the subject's left/right) for face alignment.
+    mesh_type: the topology's name (``"mediapipe468"``, ``"flame"``...), so a field can refuse what it can't use.
+    """
+
+    K: np.ndarray
+    image_size: np.ndarray
+    rotation: np.ndarray
+    translation: np.ndarray
+    expression: np.ndarray
+    vertices: np.ndarray
+    canonical_vertices: np.ndarray
+    faces: np.ndarray
+    expression_basis: np.ndarray
+    landmarks: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    semantic: dict[str, np.ndarray] = field(default_factory=dict)
+    mesh_type: str = "unknown"
+    _kind: ClassVar[str] = "ophav.Tracking"
+
+    REQUIRED_SEMANTIC: ClassVar[tuple[str, ...]] = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+    def __post_init__(self) -> None:
+        owner = "Tracking"
+        sizes: dict[str, int] = {}
+        self.K = _check_array(owner, "K", np.asarray(self.K, dtype=np.float64), (3, 3), "f")
+        self.image_size = _check_array(owner, "image_size", np.asarray(self.image_size).astype(np.int64), (2,), "iu")
+        if (self.image_size <= 0).any():
+            raise InvalidData(f"Tracking.image_size: must be positive, got {self.image_size}")
+        f32 = lambda name: np.asarray(getattr(self, name), dtype=np.float32)  # noqa: E731
+        self.rotation = _check_array(owner, "rotation", f32("rotation"), (None, 3, 3), "f")
+        _bind(owner, sizes, "N", self.rotation.shape[0], "rotation")
+        self.translation = _check_array(owner, "translation", f32("translation"), (None, 3), "f")
+        _bind(owner, sizes, "N", self.translation.shape[0], "translation")
+        self.expression = _check_array(owner, "expression", f32("expression"), (None, None), "f")
+        _bind(owner, sizes, "N", self.expression.shape[0], "expression")
+        _bind(owner, sizes, "E", self.expression.shape[1], "expression")
+        self.vertices = _check_array(owner, "vertices", f32("vertices"), (None, None, 3), "f")
+        _bind(owner, sizes, "N", self.vertices.shape[0], "vertices")
+        _bind(owner, sizes, "V", self.vertices.shape[1], "vertices")
+        self.canonical_vertices = _check_array(owner, "canonical_vertices", f32("canonical_vertices"), (None, 3), "f")
+        _bind(owner, sizes, "V", self.canonical_vertices.shape[0], "canonical_vertices")
+        self.faces = _check_array(owner, "faces", np.asarray(self.faces).astype(np.int32), (None, 3), "iu")
+        if self.faces.size and (self.faces.min() < 0 or self.faces.max() >= sizes["V"]):
+            raise InvalidData(f"Tracking.faces: indices must lie in [0, {sizes['V']}), got [{self.faces.min()}, {self.faces.max()}]")
+        self.expression_basis = _check_array(owner, "expression_basis", f32("expression_basis"), (None, None, 3), "f")
+        _bind(owner, sizes, "E", self.expression_basis.shape[0], "expression_basis")
+        _bind(owner, sizes, "V", self.expression_basis.shape[1], "expression_basis")
+        if self.landmarks is not None:
+            self.landmarks = _check_array(owner, "landmarks", f32("landmarks"), (None, None, 2), "f")
+            _bind(owner, sizes, "N", self.landmarks.shape[0], "landmarks")
+        if self.valid is not None:
+            self.valid = _check_array(owner, "valid", np.asarray(self.valid).astype(bool), (None,), "b")
+            _bind(owner, sizes, "N", self.valid.shape[0], "valid")
+        for key, value in self.semantic.items():
+            idx = np.asarray(value).astype(np.int64).reshape(-1)
+            if idx.size == 0 or idx.min() < 0 or idx.max() >= sizes["V"]:
+                raise InvalidData(f"Tracking.semantic[{key!r}]: vertex indices out of range [0, {sizes['V']})")
+            self.semantic[key] = idx
+        self.mesh_type = str(self.mesh_type)
+
+    def __len__(self) -> int:
+        return int(self.rotation.shape[0])
+
+    @property
+    def num_expressions(self) -> int:
+        return int(self.expression.shape[1])
+
+    def check_matches(self, frames: FrameSet) -> None:
+        if len(self) != len(frames):
+            raise InvalidData(f"Tracking has {len(self)} frames but the frame set has {len(frames)}")
+        if tuple(self.image_size) != frames.size:
+            raise InvalidData(f"Tracking is for {tuple(self.image_size)} images but the frames are {frames.size}")
+
+    def project(self, points_cam: np.ndarray, K: np.ndarray | None = None) -> np.ndarray:
+        """Pixels (..., 2) of camera-space points (..., 3)."""
+        K = self.K if K is None else K
+        z = np.clip(points_cam[..., 2:3], 1e-6, None)
+        uv = points_cam[..., :2] / z
+        return np.stack([K[0, 0] * uv[..., 0] + K[0, 2], K[1, 1] * uv[..., 1] + K[1, 2]], axis=-1)
+
+    def landmarks5(self, vertices_cam: np.ndarray | None = None, K: np.ndarray | None = None) -> np.ndarray:
+        """(N, 5, 2) float32 pixel positions of left eye, right eye, nose, mouth left, mouth right from the mesh:
+        the 5-point layout that face restorers align with."""
+        missing = [k for k in self.REQUIRED_SEMANTIC if k not in self.semantic]
+        if missing:
+            raise InvalidData(f"Tracking.semantic lacks {missing}: needed for 5-point face alignment")
+        verts = self.vertices if vertices_cam is None else vertices_cam
+        pts = np.stack([verts[:, self.semantic[k]].mean(axis=1) for k in self.REQUIRED_SEMANTIC], axis=1)
+        return self.project(pts, K).astype(np.float32)
+
+    def subset(self, index: np.ndarray) -> "Tracking":
+        """The tracking of the frames in ``index`` (same camera, mesh and basis)."""
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Tracking(
+            K=self.K, image_size=self.image_size, rotation=self.rotation[index], translation=self.translation[index],
+            expression=self.expression[index], vertices=self.vertices[index],
+            canonical_vertices=self.canonical_vertices, faces=self.faces, expression_basis=self.expression_basis,
+            landmarks=pick(self.landmarks), valid=pick(self.valid), semantic=dict(self.semantic), mesh_type=self.mesh_type,
+        )
+
+    def mesh_for(self, rotation: np.ndarray, translation: np.ndarray, expression: np.ndarray) -> np.ndarray:
+        """Camera-space vertices (N, V, 3) for poses (N, 3, 3), (N, 3) and expressions (N, E)."""
+        local = self.canonical_vertices[None] + np.einsum("ne,evc->nvc", expression, self.expression_basis)
+        return np.einsum("nij,nvj->nvi", rotation, local) + translation[:, None, :]
+
+
+@dataclass
+class RenderRequest(_NpzContainer):
+    """What to render: N images, each with its own head pose, expression and camera.
+
+    rotation: float32 (N, 3, 3), translation: float32 (N, 3): head pose, canonical -> camera.
+    expression: float32 (N, E) in the avatar's expression basis.
+    K: float64 (N, 3, 3) intrinsics for ``resolution``.
+    resolution: int (2,) = (width, height).
+    """
+
+    rotation: np.ndarray
+    translation: np.ndarray
+    expression: np.ndarray
+    K: np.ndarray
+    resolution: np.ndarray
+    _kind: ClassVar[str] = "ophav.RenderRequest"
+
+    def __post_init__(self) -> None:
+        owner, sizes = "RenderRequest", {}
+        self.rotation = _check_array(owner, "rotation", np.asarray(self.rotation, np.float32), (None, 3, 3), "f")
+        _bind(owner, sizes, "N", self.rotation.shape[0], "rotation")
+        self.translation = _check_array(owner, "translation", np.asarray(self.translation, np.float32), (None, 3), "f")
+        _bind(owner, sizes, "N", self.translation.shape[0], "translation")
+        self.expression = _check_array(owner, "expression", np.asarray(self.expression, np.float32), (None, None), "f")
+        _bind(owner, sizes, "N", self.expression.shape[0], "expression")
+        K = np.asarray(self.K, np.float64)
+        if K.shape == (3, 3):
+            K = np.broadcast_to(K, (sizes["N"], 3, 3)).copy()
+        self.K = _check_array(owner, "K", K, (None, 3, 3), "f")
+        _bind(owner, sizes, "N", self.K.shape[0], "K")
+        self.resolution = _check_array(owner, "resolution", np.asarray(self.resolution).astype(np.int64), (2,), "iu")
+        if (self.resolution <= 0).any():
+            raise InvalidData(f"RenderRequest.resolution: must be positive, got {self.resolution}")
+
+    def __len__(self) -> int:
+        return int(self.rotation.shape[0])
+
+    @classmethod
+    def from_tracking(cls, tracking: Tracking, index: np.ndarray | None = None, resolution: tuple[int, int] | None = None) -> "RenderRequest":
+        """Render the tracked frames (``index``) again, optionally at another resolution (K scaled to match)."""
+        index = np.arange(len(tracking)) if index is None else np.asarray(index)
+        K = tracking.K.copy()
+        size = tuple(int(s) for s in tracking.image_size)
+        if resolution is not None and tuple(resolution) != size:
+            K = scale_intrinsics(K, size, resolution)
+            size = tuple(resolution)
+        return cls(tracking.rotation[index], tracking.translation[index], tracking.expression[index], K, np.array(size))
+
+    def subset(self, index: np.ndarray) -> "RenderRequest":
+        return RenderRequest(self.rotation[index], self.translation[index], self.expression[index], self.K[index], self.resolution)
+
+
+@dataclass
+class RenderResult(_NpzContainer):
+    """rgb: uint8 (N, H, W, 3); alpha: float32 (N, H, W) in [0, 1]; depth: float32 (N, H, W) camera z (0 where empty)."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray
+    depth: np.ndarray
+    _kind: ClassVar[str] = "ophav.RenderResult"
+
+    def __post_init__(self) -> None:
+        _check_array("RenderResult", "rgb", self.rgb, (None, None, None, 3), "u")
+        self.alpha = _check_array("RenderResult", "alpha", np.asarray(self.alpha, np.float32), self.rgb.shape[:3], "f")
+        self.depth = _check_array("RenderResult", "depth", np.asarray(self.depth, np.float32), self.rgb.shape[:3], "f")
+
+    def __len__(self) -> int:
+        return int(self.rgb.shape[0])
+
+
+@dataclass
+class RestoreInput:
+    """What a restorer gets: the images to sharpen plus everything known about them.
+
+    images: uint8 (N, H, W, 3) renders of the avatar.
+    alpha: float32 (N, H, W) their head alpha.
+    landmarks5: float32 (N, 5, 2) left eye, right eye, nose, mouth left, mouth right in pixels (exact, from
+        the mesh), for alignment to the FFHQ template without a detector.
+    vertices2d: float32 (N, V, 2) the mesh projected into each image, and ``vertex_depth`` (N, V) its camera z:
+        the dense correspondence to the portrait that reference-guided restorers use.
+    portrait: the person's photo; ``portrait_vertices2d`` (V, 2) and ``portrait_vertex_depth`` (V,) its mesh.
+    faces: int32 (F, 3) mesh triangles.
+    """
+
+    images: np.ndarray
+    alpha: np.ndarray
+    landmarks5: np.ndarray
+    vertices2d: np.ndarray
+    vertex_depth: np.ndarray
+    portrait: Portrait
+    portrait_vertices2d: np.ndarray
+    portrait_vertex_depth: np.ndarray
+    faces: np.ndarray
+
+    def __post_init__(self) -> None:
+        owner, sizes = "RestoreInput", {}
+        _check_array(owner, "images", self.images, (None, None, None, 3), "u")
+        n, h, w = self.images.shape[:3]
+        self.alpha = _check_array(owner, "alpha", np.asarray(self.alpha, np.float32), (n, h, w), "f")
+        self.landmarks5 = _check_array(owner, "landmarks5", np.asarray(self.landmarks5, np.float32), (n, 5, 2), "f")
+        self.vertices2d = _check_array(owner, "vertices2d", np.asarray(self.vertices2d, np.float32), (n, None, 2), "f")
+        _bind(owner, sizes, "V", self.vertices2d.shape[1], "vertices2d")
+        self.vertex_depth = _check_array(owner, "vertex_depth", np.asarray(self.vertex_depth, np.float32), (n, sizes["V"]), "f")
+        self.portrait_vertices2d = _check_array(owner, "portrait_vertices2d", np.asarray(self.portrait_vertices2d, np.float32), (sizes["V"], 2), "f")
+        self.portrait_vertex_depth = _check_array(owner, "portrait_vertex_depth", np.asarray(self.portrait_vertex_depth, np.float32), (sizes["V"],), "f")
+        self.faces = _check_array(owner, "faces", np.asarray(self.faces).astype(np.int32), (None, 3), "iu")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[int, int]) -> np.ndarray:
+    """K for the same camera at another image size (width, height); pixel centres stay at integers."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    out = np.array(K, dtype=np.float64, copy=True)
+    out[0, 0] *= sx
+    out[1, 1] *= sy
+    out[0, 2] = (out[0, 2] + 0.5) * sx - 0.5
+    out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5
+    return out

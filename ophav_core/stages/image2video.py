@@ -1,0 +1,18 @@
+"""Stage 1: one portrait -> a coarse talking-head video."""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from ophav_core.motion import Motion
+from ophav_core.stages.base import Component
+from ophav_core.stages.data import FrameSet, Portrait
+
+
+class Image2Video(Component):
+    stage = "image2video"
+
+    @abstractmethod
+    def generate(self, portrait: Portrait, motion: Motion) -> FrameSet:
+        """Animate ``portrait`` by ``motion``; returns ``len(motion)`` frames at ``motion.fps``, square, at the
+        profile's resolution unless the component's options say otherwise, with ``motion.driving_arrays()`` (and
+        anything else that explains a frame) in ``FrameSet.driving``."""

@@ -1,0 +1,30 @@
+"""Stage 3: camera, head pose, expression and face mesh for every frame."""
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+
+from ophav_core.motion import Motion
+from ophav_core.stages.base import Component
+from ophav_core.stages.data import FrameSet, Tracking
+
+
+class Tracker(Component):
+    stage = "tracker"
+
+    @abstractmethod
+    def track(self, frames: FrameSet, *, single_image: bool = False, reference: Tracking | None = None,
+              source: str = "") -> Tracking:
+        """Track ``frames``.
+
+        single_image: the frames are one photo (the portrait): no temporal smoothing, and no face found is an
+            error (:class:`~ophav_core.errors.NoFaceFound` naming ``source``) instead of an interpolated gap.
+        reference: express the result in this tracking's camera model and expression basis (a driving video
+            tracked into the avatar's basis); its canonical mesh is not changed.
+        """
+
+    def expressions_for(self, motion: Motion, tracking: Tracking) -> np.ndarray:
+        """Expression coefficients (N, E) in ``tracking``'s basis for a motion's named expressions and offsets.
+        Trackers whose mesh has no named-expression model raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} cannot turn named expressions into coefficients")

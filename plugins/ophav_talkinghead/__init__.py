@@ -1,0 +1,1 @@
+"""ophav plugin: talkinghead."""
