@@ -1,0 +1,232 @@
+"""Reading and writing images and videos, and pictures for people: contact sheets, overlays, pose plots.
+
+Heavy libraries (PyAV, OpenCV, matplotlib) are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ophav_core.errors import OphavError, UsageError
+from ophav_core.stages.data import FrameSet, MaskSet, Portrait, Tracking, atomic_write_bytes
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
+
+
+def _decode_image(data: bytes, source: str) -> np.ndarray:
+    import cv2
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise UsageError(f"{source} is not an image that can be read (PNG, JPEG, BMP, WebP or TIFF)")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def read_image(path: str | os.PathLike) -> Portrait:
+    """A portrait from an image file; a clear UsageError when the file is missing or not an image."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"portrait {path} does not exist")
+    if path.is_dir():
+        raise UsageError(f"portrait {path} is a folder, not an image file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read portrait {path}: {exc.strerror}") from exc
+    return Portrait(_decode_image(data, str(path)), source=str(path))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    import cv2
+
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[:, :, ::-1]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
+    if not ok:
+        raise OphavError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    atomic_write_bytes(path, encode_png(image))
+    return Path(path)
+
+
+def read_video(path: str | os.PathLike, max_frames: int | None = None, size: int | None = None) -> FrameSet:
+    """Frames of a video file (or a folder of images, sorted by name) as a FrameSet; ``size`` resizes to a
+    square of that side after a centre crop."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"video {path} does not exist")
+    frames: list[np.ndarray] = []
+    fps = 25.0
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UsageError(f"folder {path} holds no images")
+        for p in files[:max_frames]:
+            frames.append(_decode_image(p.read_bytes(), str(p)))
+    else:
+        import av
+
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                if stream.average_rate:
+                    fps = float(stream.average_rate)
+                for frame in container.decode(stream):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if max_frames and len(frames) >= max_frames:
+                        break
+        except (av.error.FFmpegError, IndexError) as exc:
+            raise UsageError(f"{path} is not a readable video: {exc}") from exc
+        if not frames:
+            raise UsageError(f"{path} holds no video frames")
+    if size is not None:
+        frames = [square_resize(f, size) for f in frames]
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise UsageError(f"{path}: frames have different sizes {sorted(shapes)}")
+    return FrameSet(np.stack(frames), fps=fps)
+
+
+def square_resize(image: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    h, w = image.shape[:2]
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = image[y0:y0 + side, x0:x0 + side]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarray], fps: float = 25.0, crf: int = 20) -> Path:
+    """An H.264 mp4 (yuv420p, plays in browsers) written atomically. Odd sizes are padded to even."""
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise OphavError(f"write_video needs (N, H, W, 3) frames, got {frames.shape}")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        from fractions import Fraction
+
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _label(image: np.ndarray, text: str) -> np.ndarray:
+    import cv2
+
+    out = np.ascontiguousarray(image.copy())
+    scale = max(0.35, image.shape[1] / 400)
+    thickness = max(1, int(round(scale * 1.5)))
+    cv2.putText(out, text, (4, int(14 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(out, text, (4, int(14 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return out
+
+
+def contact_sheet(images: Sequence[np.ndarray] | np.ndarray, columns: int | None = None,
+                  labels: Sequence[str] | None = None, cell: int | None = None) -> np.ndarray:
+    """A grid of images (each resized to ``cell`` pixels high, default the first image's height)."""
+    import cv2
+
+    images = [np.asarray(im) for im in images]
+    if not images:
+        raise OphavError("contact_sheet needs at least one image")
+    images = [np.repeat(im[..., None], 3, axis=2) if im.ndim == 2 else im for im in images]
+    images = [(np.clip(im, 0, 1) * 255).astype(np.uint8) if im.dtype.kind == "f" else im.astype(np.uint8) for im in images]
+    cell = cell or images[0].shape[0]
+    resized = [cv2.resize(im, (max(1, round(im.shape[1] * cell / im.shape[0])), cell), interpolation=cv2.INTER_AREA)
+               for im in images]
+    width = max(im.shape[1] for im in resized)
+    if labels is not None:
+        resized = [_label(im, str(t)) for im, t in zip(resized, labels)]
+    columns = columns or int(np.ceil(np.sqrt(len(resized))))
+    rows = int(np.ceil(len(resized) / columns))
+    sheet = np.full((rows * cell, columns * width, 3), 255, np.uint8)
+    for k, im in enumerate(resized):
+        r, c = divmod(k, columns)
+        sheet[r * cell:(r + 1) * cell, c * width:c * width + im.shape[1]] = im
+    return sheet
+
+
+def pick_evenly(count: int, wanted: int) -> np.ndarray:
+    return np.unique(np.linspace(0, count - 1, min(wanted, count)).round().astype(int))
+
+
+def mask_overlay(frames: FrameSet, masks: MaskSet, wanted: int = 12) -> np.ndarray:
+    """Contact sheet of frames with the removed part tinted red and the kept part as is."""
+    index = pick_evenly(len(frames), wanted)
+    tiles = []
+    for i in index:
+        a = masks.alpha[i][..., None]
+        red = np.array([220, 40, 40], np.float32)
+        tiles.append((frames.frames[i] * a + (0.45 * frames.frames[i] + 0.55 * red) * (1 - a)).astype(np.uint8))
+    return contact_sheet(tiles, labels=[f"#{i}" for i in index])
+
+
+def mesh_overlay(frames: FrameSet, tracking: Tracking, wanted: int = 12) -> np.ndarray:
+    """Contact sheet of frames with the tracked mesh's vertices drawn on them (and the detected landmarks)."""
+    import cv2
+
+    index = pick_evenly(len(frames), wanted)
+    tiles = []
+    for i in index:
+        image = np.ascontiguousarray(frames.frames[i].copy())
+        radius = max(1, image.shape[0] // 256)
+        for u, v in tracking.project(tracking.vertices[i]):
+            cv2.circle(image, (int(round(u)), int(round(v))), radius, (40, 255, 80), -1)
+        if tracking.landmarks is not None:
+            for u, v in tracking.landmarks[i]:
+                cv2.circle(image, (int(round(u)), int(round(v))), radius, (255, 60, 60), -1)
+        tiles.append(image)
+    return contact_sheet(tiles, labels=[f"#{i}" for i in index])
+
+
+def plot_pose(tracking: Tracking, path: str | os.PathLike, fps: float = 25.0, title: str = "") -> Path:
+    """PNG of yaw/pitch/roll (degrees) over time, frames without a face marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ophav_core.motion import matrix_to_euler
+
+    yaw, pitch, roll = matrix_to_euler(tracking.rotation)
+    t = np.arange(len(tracking)) / fps
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    for values, name in ((yaw, "yaw"), (pitch, "pitch"), (roll, "roll")):
+        ax.plot(t, values, label=name)
+    if tracking.valid is not None and not tracking.valid.all():
+        ax.scatter(t[~tracking.valid], np.zeros((~tracking.valid).sum()), marker="x", color="k", label="no face")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("degrees")
+    ax.set_title(title or "head pose")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", ncol=4)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
