@@ -40,7 +40,8 @@ def _check_array(owner: str, name: str, value: Any, shape: tuple, dtype_kind: st
         if isinstance(want, int) and want != got:
             raise InvalidData(f"{owner}.{name}: axis {axis} must be {want} {_fmt(shape)}, got shape {value.shape}")
     if dtype_kind is not None and value.dtype.kind not in dtype_kind:
-        raise InvalidData(f"{owner}.{name}: expected dtype kind {dtype_kind!r}, got {value.dtype}")
+        kinds = {"u": "uint8", "f": "a float dtype", "iu": "an integer dtype", "b": "bool"}
+        raise InvalidData(f"{owner}.{name}: expected {kinds.get(dtype_kind, dtype_kind)}, got {value.dtype}")
     if value.dtype.kind == "f" and not np.isfinite(value).all():
         bad = int((~np.isfinite(value)).sum())
         raise InvalidData(f"{owner}.{name}: contains {bad} NaN or infinite values")

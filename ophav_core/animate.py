@@ -1,0 +1,75 @@
+"""Turning motions and driving videos into render requests for a trained avatar."""
+from __future__ import annotations
+
+import numpy as np
+
+from ophav_core.motion import Motion
+from ophav_core.stages.data import RenderRequest, Tracking, scale_intrinsics
+
+
+def frontal_index(tracking: Tracking) -> int:
+    """The frame whose head pose is closest to looking straight at the camera."""
+    angle = np.arccos(np.clip((np.trace(tracking.rotation, axis1=1, axis2=2) - 1) / 2, -1, 1))
+    return int(np.argmin(angle))
+
+
+def _camera(template: Tracking, resolution: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    size = tuple(int(s) for s in template.image_size)
+    if resolution is None or tuple(resolution) == size:
+        return template.K, np.array(size)
+    return scale_intrinsics(template.K, size, resolution), np.array(resolution)
+
+
+def requests_from_motion(template: Tracking, motion: Motion, expressions: np.ndarray | None = None,
+                         base: int | None = None, resolution: tuple[int, int] | None = None) -> RenderRequest:
+    """The avatar at frame ``base`` of its template, turned by the motion's relative pose (about the head's
+    origin) and with ``expressions`` (N, E) added to the base expression."""
+    base = frontal_index(template) if base is None else base
+    n = len(motion)
+    rotation = motion.rotations() @ template.rotation[base]
+    translation = np.repeat(template.translation[base][None], n, axis=0)
+    expression = np.repeat(template.expression[base][None], n, axis=0)
+    if expressions is not None:
+        expression = expression + expressions
+    K, size = _camera(template, resolution)
+    return RenderRequest(rotation, translation, expression, K, size)
+
+
+def requests_from_driver(template: Tracking, driver: Tracking, base: int | None = None,
+                         resolution: tuple[int, int] | None = None) -> RenderRequest:
+    """Cross-identity reenactment, relative as in FOMM: the driver's rotation and expression change since its
+    first frame are applied to the avatar's base frame. ``driver`` must be tracked in the avatar's expression
+    basis (``Tracker.track(video, reference=template)``)."""
+    if driver.expression.shape[1] != template.expression.shape[1]:
+        raise ValueError("the driver is not tracked in the avatar's expression basis (track it with reference=)")
+    base = frontal_index(template) if base is None else base
+    relative = driver.rotation @ np.transpose(driver.rotation[:1], (0, 2, 1))
+    rotation = relative @ template.rotation[base]
+    translation = np.repeat(template.translation[base][None], len(driver), axis=0)
+    expression = template.expression[base][None] + (driver.expression - driver.expression[:1])
+    K, size = _camera(template, resolution)
+    return RenderRequest(rotation, translation, expression, K, size)
+
+
+def jittered_views(tracking: Tracking, count: int, rng: np.random.Generator, max_yaw: float = 30.0,
+                   max_pitch: float = 12.0) -> RenderRequest:
+    """``count`` render requests for the iterative dataset update: tracked expressions and poses, each turned by
+    a random extra yaw/pitch so that the restored set also covers views the coarse video showed less."""
+    from ophav_core.motion import euler_to_matrix
+
+    index = rng.choice(len(tracking), size=count, replace=count > len(tracking))
+    yaw = rng.uniform(-max_yaw, max_yaw, count)
+    pitch = rng.uniform(-max_pitch, max_pitch, count)
+    rotation = euler_to_matrix(yaw, pitch, np.zeros(count)) @ tracking.rotation[index]
+    return RenderRequest(rotation, tracking.translation[index], tracking.expression[index], tracking.K,
+                         tracking.image_size)
+
+
+def tracking_for_request(template: Tracking, request: RenderRequest) -> Tracking:
+    """The tracking that describes rendered images exactly (their known render parameters)."""
+    K = request.K[0]
+    vertices = template.mesh_for(request.rotation, request.translation, request.expression)
+    return Tracking(K=K, image_size=request.resolution, rotation=request.rotation, translation=request.translation,
+                    expression=request.expression, vertices=vertices, canonical_vertices=template.canonical_vertices,
+                    faces=template.faces, expression_basis=template.expression_basis,
+                    valid=np.ones(len(request), bool), semantic=dict(template.semantic), mesh_type=template.mesh_type)

@@ -1,0 +1,439 @@
+"""The method as a resumable sequence of steps, each leaving an artifact in the run directory.
+
+    portrait -> image2video -> track -> segment -> fit -> R x (render -> restore -> refit) -> export
+
+Tracking runs before segmentation so that a segmenter can use the face geometry (cutting below the jaw).
+``manifest.json`` records the config, the components with their versions, and per step its status, timing and
+the sha256 of every file it wrote. Every file is written atomically and a step is marked done only after all its
+files are, so a run killed at any moment resumes (``--resume``) from the last finished step; a finished step whose
+files are missing or altered is computed again. Each step draws its random numbers from the run's seed and the
+step's name, so a resumed run gives the result it would have had.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ophav_core import __version__
+from ophav_core.config import ResolvedConfig
+from ophav_core.errors import OphavError, UsageError
+from ophav_core.stages import (AvatarCheckpoint, FrameSet, MaskSet, Portrait, RenderResult, RestoreInput, RunContext,
+                               Tracking)
+from ophav_core.stages.data import atomic_write_bytes
+from ophav_core.weights import sha256_of
+
+STOP_POINTS = {"portrait": "portrait", "image2video": "image2video", "track": "track", "tracker": "track",
+               "segment": "segment", "segmenter": "segment", "fit": "fit", "field": "fit"}
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda was asked for but no CUDA device is available")
+        return device
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+class Manifest:
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path, self.data = path, data
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        try:
+            return cls(path, json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read {path}: {exc}; start a new run with another --out") from exc
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def step(self, name: str) -> dict[str, Any]:
+        return self.data.setdefault("steps", {}).setdefault(name, {"status": "pending"})
+
+    def is_done(self, name: str, root: Path) -> bool:
+        entry = self.data.get("steps", {}).get(name)
+        if not entry or entry.get("status") != "done":
+            return False
+        for rel, digest in entry.get("outputs", {}).items():
+            path = root / rel
+            if not path.is_file() or sha256_of(path) != digest:
+                return False
+        return True
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    avatar: Path | None
+    timings: dict[str, float] = field(default_factory=dict)
+    stopped_after: str | None = None
+
+
+class Scheduler:
+    """Runs (or resumes) the pipeline in ``run_dir``.
+
+    components: optional pre-built stage components (tests inject them); otherwise each is created from the
+    resolved config when first needed, so a resumed run never loads a model it no longer needs.
+    """
+
+    def __init__(self, run_dir: Path, resolved: ResolvedConfig, portrait_path: Path, *, resume: bool = False,
+                 stop_after: str | None = None, quiet: bool = False, device: str | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.root = Path(run_dir)
+        self.resolved = resolved
+        self.portrait_path = Path(portrait_path)
+        self.resume = resume
+        if stop_after is not None and stop_after not in STOP_POINTS and not stop_after.startswith("round"):
+            raise UsageError(f"--stop-after {stop_after!r}: choose one of {', '.join(sorted(STOP_POINTS))} or roundN")
+        self.stop_after = STOP_POINTS.get(stop_after, stop_after) if stop_after else None
+        self.quiet = quiet
+        self.device = device or resolve_device(resolved.config.device)
+        self.log = log or (lambda msg: None)
+        self._components: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ plumbing
+
+    def component(self, stage: str):
+        if stage not in self._components:
+            resolved = self.resolved.stages[stage]
+            work = self.root / "work" / stage
+            work.mkdir(parents=True, exist_ok=True)
+            context = RunContext(device=self.device, profile=self.resolved.profile, seed=self.resolved.config.seed,
+                                 work_dir=work, quiet=self.quiet)
+            self._components[stage] = resolved.spec.create(resolved.options, context)
+        return self._components[stage]
+
+    def _prepare(self) -> Manifest:
+        manifest_path = self.root / "manifest.json"
+        fingerprint = self.resolved.fingerprint()
+        if manifest_path.exists():
+            if not self.resume:
+                raise UsageError(f"{self.root} already holds a run; add --resume to continue it, or choose another --out")
+            manifest = Manifest.load(manifest_path)
+            if manifest.data.get("fingerprint") != fingerprint:
+                raise UsageError(f"{self.root} was started with another configuration; --resume needs the same "
+                                 f"options (see {self.root / 'config.json'}), or choose another --out")
+            if manifest.data.get("portrait", {}).get("sha256") != sha256_of(self.portrait_path):
+                raise UsageError(f"{self.root} was started from another portrait; choose another --out")
+            manifest.data["status"] = "running"
+            manifest.data.setdefault("resumed", []).append(_now())
+            return manifest
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot write to {self.root}: {exc.strerror}; choose another --out") from exc
+        config = self.resolved.to_dict()
+        write_json(self.root / "config.json", config)
+        manifest = Manifest(manifest_path, {
+            "ophav": __version__, "created": _now(), "status": "running", "fingerprint": fingerprint,
+            "device": self.device, "config": config,
+            "components": {s: {"name": r.spec.name, "package": r.spec.package, "version": r.spec.version}
+                           for s, r in self.resolved.stages.items()},
+            "portrait": {"path": str(self.portrait_path.resolve()), "sha256": sha256_of(self.portrait_path)},
+            "steps": {},
+        })
+        manifest.save()
+        return manifest
+
+    def _step(self, manifest: Manifest, name: str, outputs: list[str], compute: Callable[[], Any],
+              load: Callable[[], Any]) -> Any:
+        if manifest.is_done(name, self.root):
+            self.log(f"[skip] {name}: done earlier")
+            self.timings[name] = manifest.step(name).get("seconds", 0.0)
+            return load()
+        self.log(f"[run ] {name}")
+        entry = manifest.step(name)
+        entry.update(status="running", started=_now())
+        entry.pop("outputs", None)
+        manifest.save()
+        start = time.perf_counter()
+        try:
+            value = compute()
+        except OSError as exc:
+            raise _io_error(exc, name) from exc
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                raise OphavError(f"{name}: the GPU ran out of memory. Use a smaller profile (--profile preview), a "
+                                 f"smaller batch (e.g. --set field.batch_rays=2048) or --device cpu") from exc
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            manifest.save()
+            raise
+        seconds = time.perf_counter() - start
+        entry.update(status="done", seconds=round(seconds, 3), finished=_now(),
+                     outputs={rel: sha256_of(self.root / rel) for rel in outputs})
+        entry.pop("error", None)
+        manifest.save()
+        self.timings[name] = seconds
+        return value
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def run(self) -> RunResult:
+        manifest = self._prepare()
+        try:
+            result = self._run(manifest)
+        except BaseException as exc:
+            manifest.data["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            try:
+                manifest.save()
+            except OSError:
+                pass
+            raise
+        manifest.data["status"] = "stopped" if result.stopped_after else "done"
+        manifest.data["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        manifest.save()
+        return result
+
+    def _stop(self, step: str) -> bool:
+        return self.stop_after == step
+
+    def _run(self, manifest: Manifest) -> RunResult:
+        from ophav_core.media import read_image
+
+        portrait = read_image(self.portrait_path)
+        portrait_tracking = self._step(manifest, "portrait", ["input/portrait.npz", "input/portrait_tracking.npz"],
+                                       lambda: self._track_portrait(portrait),
+                                       lambda: Tracking.load(self.root / "input/portrait_tracking.npz"))
+        if self._stop("portrait"):
+            return RunResult(self.root, None, self.timings, "portrait")
+        frames = self._step(manifest, "image2video", ["image2video/frames.npz"],
+                            lambda: self._image2video(portrait),
+                            lambda: FrameSet.load(self.root / "image2video/frames.npz"))
+        if self._stop("image2video"):
+            return RunResult(self.root, None, self.timings, "image2video")
+        tracking, portrait_tracking = self._step(
+            manifest, "track", ["track/tracking.npz", "track/portrait_tracking.npz"],
+            lambda: self._track(frames, portrait),
+            lambda: (Tracking.load(self.root / "track/tracking.npz"),
+                     Tracking.load(self.root / "track/portrait_tracking.npz")))
+        if self._stop("track"):
+            return RunResult(self.root, None, self.timings, "track")
+        masks = self._step(manifest, "segment", ["segment/masks.npz"], lambda: self._segment(frames, tracking),
+                           lambda: MaskSet.load(self.root / "segment/masks.npz"))
+        if self._stop("segment"):
+            return RunResult(self.root, None, self.timings, "segment")
+        avatar_rel = "fit/avatar.ckpt"
+        avatar = self._step(manifest, "fit", [avatar_rel],
+                            lambda: self._fit(frames, masks, tracking, avatar_rel, None),
+                            lambda: self.component("field").load(self.root / avatar_rel))
+        if self._stop("fit"):
+            return RunResult(self.root, avatar.path, self.timings, "fit")
+        for r in range(1, self.resolved.rounds + 1):
+            avatar = self._round(manifest, r, avatar, tracking, portrait, portrait_tracking)
+            if self._stop(f"round{r}"):
+                return RunResult(self.root, avatar.path, self.timings, f"round{r}")
+        final = self._step(manifest, "export", ["avatar/avatar.ckpt", "avatar/avatar.json", "preview.mp4"],
+                           lambda: self._export(avatar, portrait), lambda: self.root / "avatar/avatar.ckpt")
+        from ophav_core.report import write_report
+
+        write_report(self.root, manifest.data, self.timings)
+        return RunResult(self.root, final, self.timings)
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _track_portrait(self, portrait: Portrait) -> Tracking:
+        portrait.save(self.root / "input/portrait.npz")
+        tracking = self.component("tracker").track(FrameSet(portrait.image[None], fps=1.0), single_image=True,
+                                                   source=str(self.portrait_path))
+        tracking.save(self.root / "input/portrait_tracking.npz")
+        return tracking
+
+    def _driving_motion(self):
+        from ophav_core import motion as motion_lib
+
+        profile, driver = self.resolved.profile, self.resolved.config.driver
+        if driver is None:
+            return motion_lib.motion_from_script(motion_lib.default_script(), fps=profile.fps,
+                                                 duration=profile.video_seconds)
+        path = Path(driver)
+        if path.suffix.lower() in {".yaml", ".yml", ".json"}:
+            return motion_lib.load_motion_script(path, fps=profile.fps, duration=profile.video_seconds)
+        from ophav_core.media import read_video
+
+        video = read_video(path, max_frames=int(profile.fps * profile.video_seconds) or None)
+        driver_tracking = self.component("tracker").track(video, source=str(path))
+        return motion_lib.relative_motion_from_tracking(driver_tracking, video.fps, video)
+
+    def _image2video(self, portrait: Portrait) -> FrameSet:
+        from ophav_core.media import contact_sheet, pick_evenly, save_png, write_video
+
+        frames = self.component("image2video").generate(portrait, self._driving_motion())
+        frames.save(self.root / "image2video/frames.npz")
+        write_video(self.root / "image2video/video.mp4", frames.frames, frames.fps)
+        index = pick_evenly(len(frames), 12)
+        save_png(self.root / "image2video/contact.png", contact_sheet(frames.frames[index], labels=[f"#{i}" for i in index]))
+        return frames
+
+    def _track(self, frames: FrameSet, portrait: Portrait) -> tuple[Tracking, Tracking]:
+        from ophav_core.media import mesh_overlay, plot_pose, save_png
+
+        tracker = self.component("tracker")
+        tracking = tracker.track(frames, source="the coarse video")
+        tracking.check_matches(frames)
+        portrait_tracking = tracker.track(FrameSet(portrait.image[None], fps=1.0), single_image=True,
+                                          reference=tracking, source=str(self.portrait_path))
+        tracking.save(self.root / "track/tracking.npz")
+        portrait_tracking.save(self.root / "track/portrait_tracking.npz")
+        plot_pose(tracking, self.root / "track/pose.png", fps=frames.fps, title="head pose of the coarse video")
+        save_png(self.root / "track/mesh.png", mesh_overlay(frames, tracking))
+        return tracking, portrait_tracking
+
+    def _segment(self, frames: FrameSet, tracking: Tracking) -> MaskSet:
+        from ophav_core.media import mask_overlay, save_png
+
+        masks = self.component("segmenter").segment(frames, tracking)
+        masks.check_matches(frames)
+        masks.save(self.root / "segment/masks.npz")
+        save_png(self.root / "segment/overlay.png", mask_overlay(frames, masks))
+        return masks
+
+    def _fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, rel: str,
+             init: AvatarCheckpoint | None) -> AvatarCheckpoint:
+        out = self.root / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return self.component("field").fit(frames, masks, tracking, out, init=init)
+
+    def _round(self, manifest: Manifest, r: int, avatar: AvatarCheckpoint, tracking: Tracking, portrait: Portrait,
+               portrait_tracking: Tracking) -> AvatarCheckpoint:
+        folder = f"round{r}"
+        renders_rel, restored_rel, avatar_rel = f"{folder}/renders.npz", f"{folder}/restored.npz", f"{folder}/avatar.ckpt"
+        request_rel, tracking_rel = f"{folder}/request.npz", f"{folder}/tracking.npz"
+
+        def render() -> tuple[RenderResult, Tracking]:
+            from ophav_core.animate import jittered_views, tracking_for_request
+            from ophav_core.stages.base import hash_str
+
+            rng = np.random.default_rng([self.resolved.config.seed, hash_str(f"round{r}")])
+            request = jittered_views(tracking, self.resolved.profile.restore_views, rng)
+            result = self.component("field").render(avatar, request)
+            views = tracking_for_request(avatar.template, request)
+            request.save(self.root / request_rel)
+            views.save(self.root / tracking_rel)
+            result.save(self.root / renders_rel)
+            return result, views
+
+        renders, views = self._step(manifest, f"render{r}", [renders_rel, request_rel, tracking_rel], render,
+                                    lambda: (RenderResult.load(self.root / renders_rel),
+                                             Tracking.load(self.root / tracking_rel)))
+
+        def restore() -> FrameSet:
+            from ophav_core.media import contact_sheet, pick_evenly, save_png
+
+            batch = restore_input(renders, views, portrait, portrait_tracking)
+            images = self.component("restorer").restore(batch)
+            if images.shape != renders.rgb.shape or images.dtype != np.uint8:
+                raise OphavError(f"restorer {self.resolved.stages['restorer'].spec.name!r} returned {images.shape} "
+                                 f"{images.dtype}, expected {renders.rgb.shape} uint8")
+            restored = FrameSet(images, fps=self.resolved.profile.fps)
+            restored.save(self.root / restored_rel)
+            index = pick_evenly(len(images), 6)
+            tiles = [im for i in index for im in (renders.rgb[i], images[i])]
+            labels = [t for i in index for t in (f"render #{i}", f"restored #{i}")]
+            save_png(self.root / f"{folder}/contact.png", contact_sheet(tiles, columns=4, labels=labels))
+            return restored
+
+        restored = self._step(manifest, f"restore{r}", [restored_rel], restore,
+                              lambda: FrameSet.load(self.root / restored_rel))
+        masks = MaskSet(renders.alpha)
+        return self._step(manifest, f"refit{r}", [avatar_rel],
+                          lambda: self._fit(restored, masks, views, avatar_rel, avatar),
+                          lambda: self.component("field").load(self.root / avatar_rel))
+
+    def _export(self, avatar: AvatarCheckpoint, portrait: Portrait) -> Path:
+        target = self.root / "avatar/avatar.ckpt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(".avatar.ckpt.tmp")
+        shutil.copyfile(avatar.path, tmp)
+        tmp.replace(target)
+        description = {
+            "ophav": __version__, "created": _now(), "checkpoint": "avatar.ckpt",
+            "field": self.resolved.stages["field"].spec.name,
+            "tracker": self.resolved.stages["tracker"].spec.name,
+            "components": {s: r.spec.name for s, r in self.resolved.stages.items()},
+            "profile": self.resolved.profile.name, "rounds": self.resolved.rounds,
+            "portrait": str(self.portrait_path), "info": avatar.info,
+            "render": f"ophav render {target} --views turntable --out turntable.mp4",
+        }
+        write_json(self.root / "avatar/avatar.json", description)
+        write_preview(self.root / "preview.mp4", self.component("field"), self.component("tracker"), avatar, portrait,
+                      self.resolved.profile.preview_frames, self.resolved.profile.fps)
+        return target
+
+
+def restore_input(renders: RenderResult, views: Tracking, portrait: Portrait, portrait_tracking: Tracking) -> RestoreInput:
+    """Everything a restorer may use about the renders: exact landmarks and the dense mesh correspondence."""
+    return RestoreInput(
+        images=renders.rgb, alpha=renders.alpha, landmarks5=views.landmarks5(),
+        vertices2d=views.project(views.vertices), vertex_depth=views.vertices[..., 2], portrait=portrait,
+        portrait_vertices2d=portrait_tracking.project(portrait_tracking.vertices[0]),
+        portrait_vertex_depth=portrait_tracking.vertices[0, :, 2], faces=views.faces)
+
+
+def preview_motion(template: Tracking, tracker, frames: int, fps: float):
+    """A turntable (-45 to +45 degrees) followed by an expression sweep, with the sweep's coefficients."""
+    from ophav_core.motion import Motion, expression_sweep, turntable
+
+    half = max(2, frames // 2)
+    turn, sweep = turntable(half, fps, 45.0), expression_sweep(frames - half if frames - half >= 2 else 2, fps)
+    try:
+        sweep_expr = tracker.expressions_for(sweep, template)
+    except NotImplementedError:
+        sweep_expr = np.zeros((len(sweep), template.num_expressions), np.float32)
+    expressions = np.concatenate([np.zeros((len(turn), template.num_expressions), np.float32), sweep_expr])
+    motion = Motion(fps, np.concatenate([turn.yaw, sweep.yaw]), np.concatenate([turn.pitch, sweep.pitch]),
+                    np.concatenate([turn.roll, sweep.roll]))
+    return motion, expressions
+
+
+def write_preview(path: Path, field, tracker, avatar: AvatarCheckpoint, portrait: Portrait, frames: int,
+                  fps: float) -> None:
+    """preview.mp4: the portrait beside the avatar turning its head and going through expressions."""
+    from ophav_core.animate import requests_from_motion
+    from ophav_core.media import square_resize, write_video
+
+    motion, expressions = preview_motion(avatar.template, tracker, frames, fps)
+    request = requests_from_motion(avatar.template, motion, expressions)
+    result = field.render(avatar, request)
+    side = result.rgb.shape[1]
+    left = square_resize(portrait.image, side)
+    write_video(path, np.concatenate([np.repeat(left[None], len(result), 0), result.rgb], axis=2), fps)
+
+
+def _io_error(exc: OSError, step: str) -> OphavError:
+    if exc.errno == errno.ENOSPC:
+        return OphavError(f"{step}: the disk is full ({exc.filename or ''}); free some space and rerun with --resume "
+                          f"(finished steps are kept)")
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return OphavError(f"{step}: cannot write {exc.filename or ''}: {exc.strerror}; fix the permissions or "
+                          f"choose another --out")
+    return OphavError(f"{step}: {exc}")

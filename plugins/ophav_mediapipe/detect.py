@@ -1,0 +1,96 @@
+"""Running MediaPipe's face mesh (the model inside the ``mediapipe==0.10.21`` wheel) over frames."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ophav_mediapipe.mesh import NUM_VERTICES
+
+
+@dataclass
+class Detections:
+    """What the face mesh saw.
+
+    landmarks: float64 (N, 468, 3): u, v in pixels of the original frame, and depth in pixels (MediaPipe's
+        relative z times the image width; larger = further from the camera, same axis as ophav's z).
+    valid: bool (N,) a face was found.
+    crowded: indices of frames where more than one face was found (the largest one is kept).
+    seconds: time spent inside MediaPipe.
+    """
+
+    landmarks: np.ndarray
+    valid: np.ndarray
+    crowded: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _quiet_mediapipe_logs() -> None:
+    # MediaPipe's C++ side logs through absl/glog to stderr; these keep the console readable.
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_face_mesh(single_image: bool, min_detection_confidence: float = 0.5, max_faces: int = 2):
+    """A MediaPipe FaceMesh: static mode for one photo, tracking mode for a video. Two faces at most, so a
+    second person is noticed (and reported) rather than silently swapped in."""
+    _quiet_mediapipe_logs()
+    from mediapipe.python.solutions.face_mesh import FaceMesh
+
+    return FaceMesh(static_image_mode=single_image, max_num_faces=max_faces, refine_landmarks=False,
+                    min_detection_confidence=min_detection_confidence, min_tracking_confidence=0.5)
+
+
+def _upscale_for_detection(frame: np.ndarray, min_size: int) -> np.ndarray:
+    """MediaPipe's face detector works on 128x128 inputs but misses faces in small frames; landmarks are
+    normalised, so upscaling changes nothing else."""
+    h, w = frame.shape[:2]
+    if max(h, w) >= min_size:
+        return frame
+    import cv2
+
+    scale = min_size / max(h, w)
+    return cv2.resize(frame, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_CUBIC)
+
+
+def _to_pixels(face, width: int, height: int) -> np.ndarray:
+    pts = np.array([(p.x, p.y, p.z) for p in face.landmark[:NUM_VERTICES]], np.float64)
+    return pts * np.array([width, height, width], np.float64)
+
+
+def _largest(faces: list[np.ndarray]) -> np.ndarray:
+    area = [np.ptp(f[:, 0]) * np.ptp(f[:, 1]) for f in faces]
+    return faces[int(np.argmax(area))]
+
+
+def detect_landmarks(frames: np.ndarray, single_image: bool = False, min_detection_confidence: float = 0.5,
+                     min_detection_size: int = 256, face_mesh=None) -> Detections:
+    """Face-mesh landmarks of every frame (N, H, W, 3) uint8 RGB; frames without a face are marked invalid."""
+    import time
+
+    n, height, width = frames.shape[:3]
+    landmarks = np.zeros((n, NUM_VERTICES, 3), np.float64)
+    valid = np.zeros(n, bool)
+    crowded: list[int] = []
+    own = face_mesh is None
+    face_mesh = face_mesh or make_face_mesh(single_image, min_detection_confidence)
+    spent = 0.0
+    try:
+        for i in range(n):
+            image = np.ascontiguousarray(_upscale_for_detection(frames[i], min_detection_size))
+            start = time.perf_counter()
+            result = face_mesh.process(image)
+            spent += time.perf_counter() - start
+            faces = result.multi_face_landmarks or []
+            if not faces:
+                continue
+            points = [_to_pixels(f, width, height) for f in faces]
+            if len(points) > 1:
+                crowded.append(i)
+            landmarks[i] = _largest(points)
+            valid[i] = True
+    finally:
+        if own:
+            face_mesh.close()
+    return Detections(landmarks, valid, crowded, spent)

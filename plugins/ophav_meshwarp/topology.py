@@ -1,0 +1,116 @@
+"""What the warper needs to know about the face mesh's topology, derived once from the canonical mesh.
+
+Pure numpy. The MediaPipe mesh is one sheet (a disk) that also spans the eyes and the mouth: the triangles whose
+three corners all lie on the inner-lip contour are the mouth opening, those on an eye contour the eye opening.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MeshParts:
+    """Index sets of one face-mesh topology.
+
+    faces: (F, 3) triangles; symmetry: (V,) the left/right mirror vertex of each vertex.
+    mouth_faces, eye_faces: (F,) bool, triangles inside the inner-lip / either eye contour.
+    lips_inner, face_oval: ordered closed contours; eyes: the two ordered eye contours.
+    upper_lid: per eye, the vertices of the upper half of the contour (what a blink moves).
+    mouth_uv: (V, 2) mouth-interior coordinates of the inner-lip vertices (u along the mouth from the subject's
+        right corner, v = 0 on the upper lip, 1 on the lower lip), 0 elsewhere.
+    side: (F,) +1 for triangles on the subject's left (head x > 0), -1 on the right, 0 on the midline.
+    """
+
+    faces: np.ndarray
+    symmetry: np.ndarray
+    mouth_faces: np.ndarray
+    eye_faces: np.ndarray
+    eye_face_owner: np.ndarray
+    lips_inner: np.ndarray
+    face_oval: np.ndarray
+    eyes: tuple[np.ndarray, np.ndarray]
+    upper_lid: tuple[np.ndarray, np.ndarray]
+    above_eye_faces: tuple[np.ndarray, np.ndarray]
+    mouth_uv: np.ndarray
+    side: np.ndarray
+
+
+def symmetry_map(canonical: np.ndarray) -> np.ndarray:
+    """(V,) index of each vertex's mirror image (head x negated), by nearest neighbour on the canonical mesh."""
+    mirrored = canonical * np.array([-1.0, 1.0, 1.0], canonical.dtype)
+    dist = ((mirrored[:, None, :] - canonical[None, :, :]) ** 2).sum(-1)
+    return np.argmin(dist, axis=1).astype(np.int64)
+
+
+def _inside_contour(faces: np.ndarray, contour: np.ndarray) -> np.ndarray:
+    members = np.zeros(int(faces.max()) + 1, bool)
+    members[contour] = True
+    return members[faces].all(axis=1)
+
+
+def _split_contour(contour: np.ndarray, canonical: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split a closed contour at its two extreme-x vertices into (upper, lower) chains, both running from the
+    small-x corner to the large-x corner, corners included in both."""
+    x = canonical[contour, 0]
+    a, b = int(np.argmin(x)), int(np.argmax(x))
+    n = len(contour)
+    forward = [contour[(a + k) % n] for k in range(((b - a) % n) + 1)]
+    backward = [contour[(a - k) % n] for k in range(((a - b) % n) + 1)]
+    forward, backward = np.asarray(forward), np.asarray(backward)
+    if canonical[forward, 1].mean() <= canonical[backward, 1].mean():  # y points down: smaller y is the upper one
+        return forward, backward
+    return backward, forward
+
+
+def _mouth_uv(canonical: np.ndarray, lips_inner: np.ndarray) -> np.ndarray:
+    upper, lower = _split_contour(lips_inner, canonical)
+    uv = np.zeros((len(canonical), 2), np.float32)
+    x0, x1 = canonical[upper[0], 0], canonical[upper[-1], 0]
+    for chain, v in ((upper, 0.0), (lower, 1.0)):
+        uv[chain, 0] = (canonical[chain, 0] - x0) / max(x1 - x0, 1e-6)
+        uv[chain, 1] = v
+    uv[[upper[0], upper[-1]], 1] = 0.5
+    return uv
+
+
+def _faces_above(faces: np.ndarray, canonical: np.ndarray, upper_lid: np.ndarray, eye_faces: np.ndarray) -> np.ndarray:
+    """Triangles touching the upper lid from above: the eyelid skin a closing eye shows."""
+    touches = np.isin(faces, upper_lid).any(axis=1) & ~eye_faces
+    centre_y = canonical[upper_lid, 1].mean()
+    above = canonical[faces].mean(axis=1)[:, 1] < centre_y
+    return touches & above
+
+
+def build_parts(canonical: np.ndarray, faces: np.ndarray, semantic: dict[str, np.ndarray]) -> MeshParts:
+    """MeshParts of a mediapipe468-like mesh from its canonical vertices, faces and semantic groups."""
+    lips_inner = np.asarray(semantic["lips_inner"], np.int64)
+    face_oval = np.asarray(semantic["face_oval"], np.int64)
+    eyes = (np.asarray(semantic["right_eye_contour"], np.int64), np.asarray(semantic["left_eye_contour"], np.int64))
+    mouth_faces = _inside_contour(faces, lips_inner)
+    owner = np.full(len(faces), -1, np.int64)
+    upper_lids, above = [], []
+    for k, eye in enumerate(eyes):
+        inside = _inside_contour(faces, eye)
+        owner[inside] = k
+        upper, _ = _split_contour(eye, canonical)
+        upper_lids.append(upper)
+    eye_faces = owner >= 0
+    for upper in upper_lids:
+        above.append(_faces_above(faces, canonical, upper, eye_faces))
+    centre_x = canonical[faces].mean(axis=1)[:, 0]
+    tol = 1e-3 * float(np.ptp(canonical[:, 0]))
+    side = np.where(centre_x > tol, 1, np.where(centre_x < -tol, -1, 0)).astype(np.int8)
+    return MeshParts(faces=np.asarray(faces, np.int64), symmetry=symmetry_map(canonical), mouth_faces=mouth_faces,
+                     eye_faces=eye_faces, eye_face_owner=owner, lips_inner=lips_inner, face_oval=face_oval,
+                     eyes=eyes, upper_lid=(upper_lids[0], upper_lids[1]), above_eye_faces=(above[0], above[1]),
+                     mouth_uv=_mouth_uv(canonical, lips_inner), side=side)
+
+
+def contour_opening(points2d: np.ndarray, contour: np.ndarray) -> float:
+    """Mean height of a closed contour in pixels: its area divided by its width (0 when closed)."""
+    p = points2d[contour]
+    area = 0.5 * abs(float(np.dot(p[:, 0], np.roll(p[:, 1], -1)) - np.dot(p[:, 1], np.roll(p[:, 0], -1))))
+    width = float(np.ptp(p[:, 0])) + 1e-6
+    return area / width

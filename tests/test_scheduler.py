@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from ophav_core.config import build_config, resolve
+from ophav_core.plugins import build_host
+from ophav_core.scheduler import Scheduler
+from ophav_core.testing import fakes
+from ophav_core.testing.fakes import FAKE_CONFIG, FakePlugin
+from ophav_core.weights import sha256_of
+
+
+def make_scheduler(run_dir, portrait, rounds, resume=False, stop_after=None, sets=()):
+    registry = build_host(extra_plugins=[("fakes", FakePlugin())], load_entry_points=False).registry
+    flags = {k: v["name"] for k, v in FAKE_CONFIG.items()}
+    flags.update(profile="tiny", rounds=rounds, device="cpu")
+    return Scheduler(run_dir, resolve(build_config(None, flags, list(sets)), registry), portrait, resume=resume,
+                     stop_after=stop_after, quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def clean(monkeypatch):
+    monkeypatch.delenv("OPHAV_FAKE_CRASH", raising=False)
+    fakes.CALLS.clear()
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 2])
+def test_full_run_writes_every_artifact(tmp_path, portrait_file, rounds):
+    result = make_scheduler(tmp_path / "run", portrait_file, rounds).run()
+    root = tmp_path / "run"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["status"] == "done"
+    expected = ["portrait", "image2video", "track", "segment", "fit"]
+    for r in range(1, rounds + 1):
+        expected += [f"render{r}", f"restore{r}", f"refit{r}"]
+    expected.append("export")
+    assert list(manifest["steps"]) == expected
+    assert all(step["status"] == "done" for step in manifest["steps"].values())
+    assert fakes.CALLS["refit"] == rounds and fakes.CALLS["fit0"] == 1
+    for rel in ["avatar/avatar.ckpt", "avatar/avatar.json", "preview.mp4", "report.html", "config.json",
+                "image2video/video.mp4", "track/pose.png", "segment/overlay.png"]:
+        assert (root / rel).is_file(), rel
+    for r in range(1, rounds + 1):
+        assert (root / f"round{r}/contact.png").is_file()
+    assert result.avatar == root / "avatar/avatar.ckpt"
+    assert manifest["components"]["restorer"] == {"name": "fake", "package": "ophav-test-fakes", "version": "0"}
+
+
+def test_resume_after_crash_mid_round_recomputes_nothing_and_matches(tmp_path, portrait_file, monkeypatch):
+    clean_run = make_scheduler(tmp_path / "clean", portrait_file, 2).run()
+    reference = sha256_of(clean_run.avatar)
+    fakes.CALLS.clear()
+
+    monkeypatch.setenv("OPHAV_FAKE_CRASH", "restore2")
+    with pytest.raises(fakes.CrashForTest):
+        make_scheduler(tmp_path / "run", portrait_file, 2).run()
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["steps"]["restore2"]["status"] == "failed"
+    assert manifest["steps"]["refit1"]["status"] == "done"
+    before = dict(fakes.CALLS)
+
+    monkeypatch.delenv("OPHAV_FAKE_CRASH")
+    fakes.CALLS["restore"] = 1  # the fake numbers its calls; the process of the crashed run ended here
+    result = make_scheduler(tmp_path / "run", portrait_file, 2, resume=True).run()
+    assert fakes.CALLS["image2video"] == before["image2video"] == 1
+    assert fakes.CALLS["fit0"] == 1 and fakes.CALLS["refit"] == 2  # refit1 from the first attempt, refit2 now
+    assert fakes.CALLS["track"] == before["track"]
+    assert sha256_of(result.avatar) == reference
+
+
+def test_a_damaged_artifact_is_recomputed(tmp_path, portrait_file):
+    make_scheduler(tmp_path / "run", portrait_file, 1).run()
+    (tmp_path / "run/segment/masks.npz").write_bytes(b"truncated")
+    fakes.CALLS.clear()
+    make_scheduler(tmp_path / "run", portrait_file, 1, resume=True).run()
+    assert fakes.CALLS["segment"] == 1 and fakes.CALLS["image2video"] == 0
+
+
+def test_existing_run_needs_resume_and_same_config(tmp_path, portrait_file):
+    from ophav_core.errors import UsageError
+
+    make_scheduler(tmp_path / "run", portrait_file, 0, stop_after="track").run()
+    with pytest.raises(UsageError, match="--resume"):
+        make_scheduler(tmp_path / "run", portrait_file, 0).run()
+    with pytest.raises(UsageError, match="another configuration"):
+        make_scheduler(tmp_path / "run", portrait_file, 0, resume=True, sets=["restorer.gain=4"]).run()
+
+
+def test_stop_after_then_resume(tmp_path, portrait_file):
+    result = make_scheduler(tmp_path / "run", portrait_file, 1, stop_after="image2video").run()
+    assert result.stopped_after == "image2video" and result.avatar is None
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["status"] == "stopped"
+    assert fakes.CALLS["fit0"] == 0
+    make_scheduler(tmp_path / "run", portrait_file, 1, resume=True).run()
+    assert fakes.CALLS["image2video"] == 1 and fakes.CALLS["fit0"] == 1
