@@ -4,6 +4,7 @@ Heavy libraries (PyAV, OpenCV, matplotlib) are imported inside the functions tha
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 from pathlib import Path
@@ -72,28 +73,55 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, size: int
             raise UsageError(f"folder {path} holds no images")
         for p in files[:max_frames]:
             frames.append(_decode_image(p.read_bytes(), str(p)))
+    elif importlib.util.find_spec("av") is not None:
+        frames, fps = _read_video_av(path, max_frames)
     else:
-        import av
-
-        try:
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                if stream.average_rate:
-                    fps = float(stream.average_rate)
-                for frame in container.decode(stream):
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    if max_frames and len(frames) >= max_frames:
-                        break
-        except (av.error.FFmpegError, IndexError) as exc:
-            raise UsageError(f"{path} is not a readable video: {exc}") from exc
-        if not frames:
-            raise UsageError(f"{path} holds no video frames")
+        frames, fps = _read_video_cv2(path, max_frames)
     if size is not None:
         frames = [square_resize(f, size) for f in frames]
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:
         raise UsageError(f"{path}: frames have different sizes {sorted(shapes)}")
     return FrameSet(np.stack(frames), fps=fps)
+
+
+def _read_video_av(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
+    import av
+
+    frames, fps = [], 25.0
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.average_rate:
+                fps = float(stream.average_rate)
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames and len(frames) >= max_frames:
+                    break
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise UsageError(f"{path} is not a readable video: {exc}") from exc
+    if not frames:
+        raise UsageError(f"{path} holds no video frames")
+    return frames, fps
+
+
+def _read_video_cv2(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames = []
+    while capture.isOpened():
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame[:, :, ::-1].copy())
+        if max_frames and len(frames) >= max_frames:
+            break
+    capture.release()
+    if not frames:
+        raise UsageError(f"{path} is not a readable video (or holds no frames)")
+    return frames, float(fps)
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -108,19 +136,21 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarray], fps: float = 25.0, crf: int = 20) -> Path:
-    """An H.264 mp4 (yuv420p, plays in browsers) written atomically. Odd sizes are padded to even."""
-    import av
-
+    """An H.264 mp4 (yuv420p, plays in browsers) written atomically; odd sizes are padded to even. Without PyAV
+    (the ``video`` extra), OpenCV writes MPEG-4 Part 2, which players read but browsers do not."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise OphavError(f"write_video needs (N, H, W, 3) frames, got {frames.shape}")
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    if importlib.util.find_spec("av") is None:
+        return _write_video_cv2(Path(path), frames, fps)
+    import av
+    from fractions import Fraction
+
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        from fractions import Fraction
-
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
@@ -132,6 +162,21 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | Sequence[np.ndarra
             container.mux(packet)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def _write_video_cv2(path: Path, frames: np.ndarray, fps: float) -> Path:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (frames.shape[2], frames.shape[1]))
+    try:
+        for image in frames:
+            writer.write(np.ascontiguousarray(image[:, :, ::-1]))
+    finally:
+        writer.release()
+    os.replace(tmp, path)
+    return path
 
 
 def _label(image: np.ndarray, text: str) -> np.ndarray:

@@ -15,7 +15,6 @@ from torch import Tensor, nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ophav_core.errors import InvalidData, UsageError, WeightsMissing  # noqa: E402
-from ophav_core.stages import FrameSet  # noqa: E402
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_core.testing.synthetic import render_synthetic, synthetic_tracking  # noqa: E402
 from ophav_core.weights import verify  # noqa: E402

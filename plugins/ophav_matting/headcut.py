@@ -57,7 +57,7 @@ def keep_below_jaw(tracking: Tracking, index: int, size: tuple[int, int], neck_m
     a_px = xs * np.float32(across[0]) + ys * np.float32(across[1])
     cut = np.interp(a_px, chain_a, chain_s)
     beside_face = (a_px < chain_a[0]) | (a_px > chain_a[-1])
-    pass
+    cut[beside_face] = chain_s.max()  # beside the face: keep down to chin level
     cut += neck_margin * face_height
     ramp = feather * face_height
     if ramp <= 0:

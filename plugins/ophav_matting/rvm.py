@@ -34,6 +34,11 @@ def auto_downsample_ratio(height: int, width: int, max_internal_size: int = 512)
     return min(1.0, max_internal_size / float(max(height, width)))
 
 
+def internal_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """(height, width) RVM works at inside for ``ratio`` (torch's floor rounding of a scale factor)."""
+    return int(math.floor(height * ratio)), int(math.floor(width * ratio))
+
+
 def rvm_weight_path(variant: str, explicit: str | None) -> Path:
     """The .torchscript file to load: an explicit local path, else the weight store (WeightsMissing if absent)."""
     if explicit is not None and "://" in str(explicit):
@@ -145,8 +150,3 @@ class RVMSegmenter(Segmenter):
         if tracking is not None and self.options.head_cut:
             head_cut(alpha, tracking, self.options.neck_margin, self.options.feather, inplace=True)
         return MaskSet(alpha)
-
-
-def internal_size(height: int, width: int, ratio: float) -> tuple[int, int]:
-    """(height, width) RVM works at inside for ``ratio`` (torch's floor rounding of a scale factor)."""
-    return int(math.floor(height * ratio)), int(math.floor(width * ratio))

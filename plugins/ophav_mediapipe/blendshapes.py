@@ -26,9 +26,11 @@ _LOWER_LIP_OUTER = (146, 91, 181, 84, 17, 314, 405, 321, 375)
 _CHEEKS = ((205, 50, 187, 123, 116), (425, 280, 411, 352, 345))
 # Upper face points that never move with the jaw.
 _UPPER_FACE = (1, 4, 5, 195, 197, 6, 168, 98, 327, 64, 294, 129, 358, 234, 454, 93, 323, 127, 356)
-# Mouth-open hinge (temporomandibular joint) in head space, cm: ear level, behind the face sheet.
-_JAW_HINGE = np.array([0.0, -0.5, 5.0])
-_JAW_ANGLE_DEG = 16.0
+# Mouth-open pivot in head space, cm. The real jaw rotates about the ear joint while the joint slides forward;
+# a single pivot placed lower and further back than the joint gives the net motion seen from the front: the chin
+# moves mostly down (about 2.7 cm at intensity 1) and a little back.
+_JAW_HINGE = np.array([0.0, 1.5, 7.0])
+_JAW_ANGLE_DEG = 11.0
 
 
 def _idw(vertices: np.ndarray, handles: np.ndarray, motion: np.ndarray, radius: float, power: float = 2.0) -> np.ndarray:
@@ -96,14 +98,11 @@ def _mouth_open(vertices: np.ndarray) -> np.ndarray:
     handles = np.concatenate([lower, anchors])
     weight_of_handle = np.concatenate([np.ones(len(lower)), np.zeros(len(anchors))])[:, None]
     weight = _idw(vertices, handles, np.repeat(weight_of_handle, 3, axis=1), radius=3.0)[:, 0]
-    # Everything below the chin line belongs to the jaw too (interior chin vertices).
     rotated = (vertices - _JAW_HINGE) @ _rotation_x(_JAW_ANGLE_DEG).T + _JAW_HINGE
-    # Positive angle about x with y down, z away turns points below the hinge towards +z and +y? Choose the sign
-    # that moves the chin down (+y).
+    # Pick the rotation sense that moves the chin down (+y).
     chin = SEMANTIC["jaw"][len(SEMANTIC["jaw"]) // 2]
     if rotated[chin, 1] < vertices[chin, 1]:
         rotated = (vertices - _JAW_HINGE) @ _rotation_x(-_JAW_ANGLE_DEG).T + _JAW_HINGE
-    # Mouth corners open half way.
     return (rotated - vertices) * np.clip(weight, 0.0, 1.0)[:, None]
 
 

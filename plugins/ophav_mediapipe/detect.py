@@ -56,7 +56,8 @@ def _upscale_for_detection(frame: np.ndarray, min_size: int) -> np.ndarray:
 
 def _to_pixels(face, width: int, height: int) -> np.ndarray:
     pts = np.array([(p.x, p.y, p.z) for p in face.landmark[:NUM_VERTICES]], np.float64)
-    return pts * np.array([width, height, width], np.float64)
+    # Normalised coordinates span the image edges; ophav puts pixel centres at integers.
+    return pts * np.array([width, height, width], np.float64) - np.array([0.5, 0.5, 0.0])
 
 
 def _largest(faces: list[np.ndarray]) -> np.ndarray:

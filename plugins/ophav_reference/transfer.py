@@ -111,16 +111,17 @@ def feathered_weight(support: np.ndarray, soft: np.ndarray, feather_px: float) -
     return (np.clip(smooth, 0.0, 1.0) * ramp).astype(np.float32)
 
 
-def band_mix(render_bands: list[np.ndarray], portrait_bands: list[np.ndarray], weight: np.ndarray) -> list[float]:
-    """How much of each band to replace: 1 where the render has at most half the portrait's amplitude there
-    (the frequencies the render is missing), 0 where it has nearly all of it, linear between."""
+def band_mix(render_bands: list[np.ndarray], portrait_bands: list[np.ndarray], support: np.ndarray) -> list[np.ndarray]:
+    """How much of each band to replace, per pixel (float32 (H, W) maps in [0, 1]): 1 where the render's local
+    amplitude in that band is at most half the portrait's (the frequencies the render is missing), 0 where it
+    has nearly all of it (the render is sharp there already, or the portrait has no detail to give), linear
+    between. Local amplitude = root of the band's energy under a Gaussian a few band wavelengths wide."""
     mix = []
-    w = weight[..., None]
-    total = float(weight.sum())
-    for r, p in zip(render_bands, portrait_bands):
-        if total <= 0:
-            mix.append(0.0)
-            continue
-        amplitude = np.sqrt(float((w * r * r).sum()) / max(float((w * p * p).sum()), 1e-9))
-        mix.append(float(np.clip((_AMPLITUDE_NONE - amplitude) / (_AMPLITUDE_NONE - _AMPLITUDE_FULL), 0.0, 1.0)))
+    for k, (r, p) in enumerate(zip(render_bands, portrait_bands)):
+        sigma = 3.0 * 2 ** k
+        energy_r = masked_lowpass(luminance(r) ** 2, support, sigma)
+        energy_p = masked_lowpass(luminance(p) ** 2, support, sigma)
+        amplitude = np.sqrt(energy_r / np.maximum(energy_p, 0.25))  # 0.25: half a grey level, a noise floor
+        m = (_AMPLITUDE_NONE - amplitude) / (_AMPLITUDE_NONE - _AMPLITUDE_FULL)
+        mix.append(np.clip(m, 0.0, 1.0).astype(np.float32))
     return mix

@@ -1,0 +1,269 @@
+"""Multiresolution hash encoding (Instant-NGP) with interchangeable backends.
+
+The layout follows tiny-cuda-nn's ``HashGrid`` exactly, so a table trained with one backend is valid for the
+others and tiny-cuda-nn can run on our parameters directly:
+
+* level ``l`` has ``scale_l = 2**(l * log2(per_level_scale)) * base_resolution - 1`` (float32 arithmetic) and
+  ``resolution_l = ceil(scale_l) + 1`` vertices per axis;
+* a point ``x`` in ``[0, 1]^3`` sits at ``x * scale_l + 0.5`` in level coordinates (cell = floor, weights = fraction);
+* a level stores ``size_l = min(next_multiple(resolution_l**3, 8), 2**log2_table)`` entries; it is indexed densely
+  (``x + y r + z r^2``) when ``resolution_l**3 <= size_l``, else by the hash ``x ^ y*2654435761 ^ z*805459861``
+  (uint32), always modulo ``size_l``;
+* the table is one (entries, features) array, levels one after the other; the output is level-major
+  ``[l0f0, l0f1, l1f0, ...]``.
+
+Backends: ``torch`` (reference, CPU and GPU), ``triton`` (:mod:`ophav_insta.hashgrid_triton`), ``tcnn``
+(tiny-cuda-nn, when ``tinycudann`` imports). No backend computes gradients for the input positions: the positions
+come from the (non-learned) deformation.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+PRIMES = (1, 2654435761, 805459861)
+BACKENDS = ("torch", "triton", "tcnn")
+
+
+@dataclass(frozen=True)
+class HashGridLayout:
+    levels: int = 16
+    features: int = 2
+    log2_table: int = 19
+    base_resolution: int = 16
+    finest_resolution: int = 2048
+
+    @property
+    def per_level_scale(self) -> float:
+        if self.levels == 1:
+            return 1.0
+        return float(np.exp((np.log(self.finest_resolution) - np.log(self.base_resolution)) / (self.levels - 1)))
+
+    @cached_property
+    def scales(self) -> np.ndarray:
+        """(L,) float32, computed in float32 as tiny-cuda-nn does."""
+        log2_scale = np.float32(np.log2(np.float32(self.per_level_scale)))
+        levels = np.arange(self.levels, dtype=np.float32)
+        return (np.exp2(levels * log2_scale) * np.float32(self.base_resolution) - np.float32(1.0)).astype(np.float32)
+
+    @cached_property
+    def resolutions(self) -> np.ndarray:
+        return (np.ceil(self.scales).astype(np.int64) + 1)
+
+    @cached_property
+    def sizes(self) -> np.ndarray:
+        dense = self.resolutions.astype(np.float64) ** 3
+        dense = np.minimum(dense, np.iinfo(np.uint32).max // 2).astype(np.int64)
+        dense = (dense + 7) // 8 * 8
+        return np.minimum(dense, 1 << self.log2_table)
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        """(L + 1,) first entry of each level."""
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+    @cached_property
+    def hashed(self) -> np.ndarray:
+        return self.resolutions.astype(np.float64) ** 3 > self.sizes
+
+    @property
+    def entries(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def output_dim(self) -> int:
+        return self.levels * self.features
+
+    def tcnn_config(self) -> dict:
+        return {"otype": "HashGrid", "n_levels": self.levels, "n_features_per_level": self.features,
+                "log2_hashmap_size": self.log2_table, "base_resolution": self.base_resolution,
+                "per_level_scale": self.per_level_scale}
+
+
+@dataclass
+class LevelTables:
+    """The per-level constants as device tensors (what the kernels read)."""
+
+    scales: torch.Tensor  # float32 (L,)
+    resolutions: torch.Tensor  # int32 (L,)
+    sizes: torch.Tensor  # int32 (L,)
+    offsets: torch.Tensor  # int64 (L,)
+    hashed: torch.Tensor  # int32 (L,)
+
+    @classmethod
+    def build(cls, layout: HashGridLayout, device: torch.device | str) -> "LevelTables":
+        t = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt, device=device)  # noqa: E731
+        return cls(t(layout.scales, torch.float32), t(layout.resolutions, torch.int32), t(layout.sizes, torch.int32),
+                   t(layout.offsets[:-1], torch.int64), t(layout.hashed, torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+_CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
+
+
+def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows (N, 8) and trilinear weights (N, 8) of the 8 corners around ``x`` (N, 3) at ``level``."""
+    scale = float(layout.scales[level])
+    res, size = int(layout.resolutions[level]), int(layout.sizes[level])
+    pos = x * torch.tensor(scale, dtype=torch.float32, device=x.device) + 0.5
+    cell = torch.floor(pos)
+    frac = pos - cell
+    cell = cell.to(torch.int64)
+    corner = torch.tensor(_CORNERS, dtype=torch.int64, device=x.device)  # (8, 3)
+    grid = cell[:, None, :] + corner[None]  # (N, 8, 3)
+    upper = corner.bool()[None]
+    w = torch.where(upper, frac[:, None, :], 1.0 - frac[:, None, :])
+    weight = w[..., 0] * w[..., 1] * w[..., 2]
+    if layout.hashed[level]:
+        index = (grid[..., 0] * PRIMES[0]) ^ (grid[..., 1] * PRIMES[1]) ^ (grid[..., 2] * PRIMES[2])
+        index = index & 0xFFFFFFFF
+    else:
+        index = grid[..., 0] + grid[..., 1] * res + grid[..., 2] * (res * res)
+    return index % size + int(layout.offsets[level]), weight
+
+
+def hash_encode_torch(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayout) -> torch.Tensor:
+    """Reference encoding of ``x`` (N, 3) in [0, 1] with ``table`` (entries, F): (N, L * F) float32.
+
+    A loop over levels keeps the memory at O(N * 8) per level; autograd gives the table gradient."""
+    outs = []
+    for level in range(layout.levels):
+        index, weight = level_indices(x, layout, level)
+        values = table[index]  # (N, 8, F)
+        outs.append((values * weight[..., None]).sum(dim=1))
+    return torch.cat(outs, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- backends
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def tcnn_available() -> bool:
+    if importlib.util.find_spec("tinycudann") is None:
+        return False
+    try:
+        import tinycudann  # noqa: F401
+    except Exception:  # an installed build for another GPU/toolkit raises at import
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """``auto`` -> tcnn (CUDA, importable) > triton (CUDA, importable) > torch. An explicit name is checked."""
+    cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        if cuda and tcnn_available():
+            return "tcnn"
+        if cuda and triton_available():
+            return "triton"
+        return "torch"
+    if name == "tcnn" and not (cuda and tcnn_available()):
+        raise RuntimeError("hash encoding backend 'tcnn' needs CUDA and an importable tinycudann")
+    if name == "triton":
+        import os
+
+        if not triton_available():
+            raise RuntimeError("hash encoding backend 'triton' needs the triton package")
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("hash encoding backend 'triton' needs CUDA (or TRITON_INTERPRET=1 for testing)")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown hash encoding backend {name!r}")
+    return name
+
+
+class _TcnnAdapter:
+    """tiny-cuda-nn's encoding run on our parameter tensor (same layout), so checkpoints stay backend-free."""
+
+    def __init__(self, layout: HashGridLayout):
+        import tinycudann as tcnn
+        from tinycudann import modules as tcnn_modules
+
+        self._apply = tcnn_modules._module_function.apply
+        self.encoding = tcnn.Encoding(3, layout.tcnn_config(), dtype=torch.float32)
+        expected = layout.entries * layout.features
+        if self.encoding.params.numel() != expected:
+            raise RuntimeError(f"tiny-cuda-nn hash grid has {self.encoding.params.numel()} parameters, the layout "
+                               f"{expected}: incompatible tinycudann version")
+        self.granularity = 128  # tcnn's batch size granularity
+
+    def __call__(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        padded = (n + self.granularity - 1) // self.granularity * self.granularity
+        if padded != n:
+            x = torch.nn.functional.pad(x, (0, 0, 0, padded - n))
+        enc = self.encoding
+        params = table.reshape(-1).to(enc.dtype).contiguous()
+        out = self._apply(enc.native_tcnn_module, x.contiguous(), params, enc.loss_scale)
+        return out[:n].float()
+
+
+class HashGrid(nn.Module):
+    """The encoding as a module: ``forward(x)`` with x (N, 3) in [0, 1] (clamped) -> (N, L * F) float32."""
+
+    def __init__(self, layout: HashGridLayout, backend: str = "torch"):
+        super().__init__()
+        self.layout = layout
+        self.table = nn.Parameter(torch.zeros(layout.entries, layout.features))
+        self.backend = backend
+        self._tables: LevelTables | None = None
+        self._tcnn: _TcnnAdapter | None = None
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            init = torch.rand(self.table.shape, generator=generator, dtype=torch.float32) * 2e-4 - 1e-4
+            self.table.copy_(init.to(self.table.device))
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = resolve_backend(backend, self.table.device)
+
+    def level_tables(self) -> LevelTables:
+        if self._tables is None or self._tables.scales.device != self.table.device:
+            self._tables = LevelTables.build(self.layout, self.table.device)
+        return self._tables
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().float().clamp(0.0, 1.0).contiguous()
+        return encode(x, self.table, self.layout, self.backend, self)
+
+    def extra_repr(self) -> str:
+        lay = self.layout
+        return (f"levels={lay.levels}, features={lay.features}, log2_table={lay.log2_table}, "
+                f"resolution={lay.base_resolution}..{lay.finest_resolution}, backend={self.backend}")
+
+
+def encode(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayout, backend: str,
+           owner: HashGrid | None = None) -> torch.Tensor:
+    """Encode clamped, contiguous float32 ``x`` with the named backend (``owner`` caches per-device constants)."""
+    if backend == "torch":
+        return hash_encode_torch(x, table, layout)
+    if backend == "triton":
+        from ophav_insta.hashgrid_triton import hash_encode_triton
+
+        tables = owner.level_tables() if owner is not None else LevelTables.build(layout, x.device)
+        return hash_encode_triton(x, table, tables, layout)
+    if backend == "tcnn":
+        if owner is None:
+            return _TcnnAdapter(layout)(x, table)
+        if owner._tcnn is None:
+            owner._tcnn = _TcnnAdapter(layout)
+        return owner._tcnn(x, table)
+    raise ValueError(f"unknown hash encoding backend {backend!r}")
+
+
+def encoding_bytes(layout: HashGridLayout, num_points: int, backward: bool) -> int:
+    """Bytes a kernel must move per call (positions, 8 corner rows per level, output; for the backward the
+    incoming gradient and a read-modify-write per corner row): the basis of the reported bandwidth."""
+    row = layout.features * 4
+    forward = num_points * (12 + layout.levels * (8 * row + row))
+    if not backward:
+        return forward
+    return forward + num_points * (12 + layout.levels * (row + 8 * 2 * row))

@@ -1,0 +1,287 @@
+"""Tracker ``mediapipe``: camera, head pose, expression and a 468-vertex face mesh per frame, from the face mesh
+model inside the ``mediapipe==0.10.21`` wheel (no downloaded weights).
+
+Pipeline per call (numpy over all frames, one cv2.solvePnP per frame):
+
+1. MediaPipe face mesh landmarks (pixels plus MediaPipe's relative depth) for every frame.
+2. Camera: pinhole, fx = fy = ``focal_scale * max(W, H)`` (the stated assumption, see the options), or the
+   reference tracking's focal scale.
+3. Rigid pose: weighted Procrustes (Umeyama similarity) of the landmark cloud to MediaPipe's metric canonical
+   mesh on rigid points (nose, forehead, temples, eye corners; mouth, lids and brows down-weighted to 0),
+   then cv2.solvePnP (iterative, from that guess) of the 2D landmarks against the shape, twice: first the
+   canonical prior, then the person's own neutral shape.
+4. Landmarks are lifted onto their pixel rays (depth from the pose plus MediaPipe's relative depth) and
+   brought to head space by the inverse pose. The person's neutral shape is their mean over the tracked
+   frames (video) or the portrait's shape (single image).
+5. Expression: the head-space residual, least-squares projected onto the expression basis, whose first four
+   components are the named expressions (smile, mouth_open, blink, brows_up, intensity 1, scaled to the
+   face), followed by the principal components of the video's residuals orthogonal to them (unit variance),
+   or, when there are too few frames (a portrait), smooth mesh-harmonic displacement fields. With
+   ``reference=`` the reference's canonical mesh and basis are kept, and the residual is taken relative to
+   this video's own neutral shape and rescaled to the reference's face width (the driver's face shape does
+   not leak into the avatar).
+6. Video only: a zero-phase One-Euro filter on rotation vectors, translations and coefficients; short gaps
+   without a face are interpolated (``valid`` False), then every mesh is rebuilt as R (canonical + basis .
+   expression) + t, so the contract holds exactly.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ophav_core.errors import InvalidData, NoFaceFound
+from ophav_core.motion import Motion
+from ophav_core.stages import FrameSet, Tracker, Tracking
+from ophav_mediapipe import fit
+from ophav_mediapipe.blendshapes import NAMES, named_offsets
+from ophav_mediapipe.mesh import MESH_TYPE, SEMANTIC, face_width, load_canonical_mesh, rigid_indices, rigid_weights
+from ophav_mediapipe.options import MediapipeTrackerOptions
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each part of the last ``track`` call (for benchmarks)."""
+
+    detect: float = 0.0
+    pose: float = 0.0
+    expression: float = 0.0
+    smooth: float = 0.0
+    total: float = 0.0
+    frames: int = 0
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def _mobility(vertices: np.ndarray) -> np.ndarray:
+    """How much each vertex moves with expression (1 near mouth, eyes and brows, falling to 0.2 elsewhere)."""
+    expressive = np.concatenate([SEMANTIC[k] for k in ("lips_outer", "left_eye_contour", "right_eye_contour", "brows")]
+                                + [SEMANTIC["jaw"][4:-4]])
+    d = np.linalg.norm(vertices[:, None] - vertices[expressive][None], axis=-1).min(1)
+    return 0.2 + 0.8 * np.exp(-(d / 2.5) ** 2)
+
+
+def build_basis(canonical: np.ndarray, faces: np.ndarray, residuals: np.ndarray, count: int) -> np.ndarray:
+    """Expression basis (count, V, 3) for a person with neutral mesh ``canonical`` (V, 3).
+
+    Rows 0-3: the named expressions at intensity 1 scaled to this face's width. Then principal components of
+    ``residuals`` (N, V, 3) orthogonal to them, then mesh harmonics if more are needed."""
+    prior = load_canonical_mesh()[0]
+    scale = face_width(canonical) / face_width(prior)
+    named = np.stack([named_offsets()[k] for k in NAMES]).reshape(len(NAMES), -1).astype(np.float64) * scale
+    rows = [named]
+    pca = fit.pca_components(residuals.reshape(len(residuals), -1), count - len(named), named)
+    # Components below noise level (a residual std under 0.2 mm) are no use; harmonics replace them.
+    pca = pca[np.linalg.norm(pca.reshape(len(pca), -1, 3), axis=-1).max(axis=1) > 0.02 * scale] if len(pca) else pca
+    rows.append(pca)
+    missing = count - len(named) - len(pca)
+    if missing > 0:
+        harmonics = fit.mesh_harmonics(canonical, faces, missing + 8, _mobility(canonical))
+        harmonics = fit.orthogonal_complement(harmonics, np.concatenate(rows))
+        Q, _ = np.linalg.qr(harmonics.T)
+        harmonics = Q.T[:missing]
+        # A unit coefficient moves the most mobile vertex by 3% of the face width.
+        peak = np.linalg.norm(harmonics.reshape(len(harmonics), -1, 3), axis=-1).max(axis=1)
+        rows.append(harmonics * (0.03 * face_width(canonical) / np.maximum(peak, 1e-9))[:, None])
+    basis = np.concatenate(rows)[:count]
+    return basis.reshape(count, -1, 3).astype(np.float32)
+
+
+def project_onto_basis(offsets: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients (N, E) of head-space offsets (N, V, 3) in ``basis`` (E, V, 3)."""
+    B = basis.reshape(len(basis), -1).astype(np.float64)
+    coeffs, *_ = np.linalg.lstsq(B.T, offsets.reshape(len(offsets), -1).T.astype(np.float64), rcond=None)
+    return coeffs.T
+
+
+def _rotvec(R: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_matrix(R).as_rotvec()
+
+
+def _matrix(rotvec: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_rotvec(rotvec).as_matrix()
+
+
+class MediapipeTracker(Tracker):
+    """See the module docstring. ``last_timings`` holds the per-part time of the last call."""
+
+    Options = MediapipeTrackerOptions
+    options: MediapipeTrackerOptions
+
+    def __init__(self, options=None, context=None):
+        super().__init__(options, context)
+        self.last_timings = Timings()
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def track(self, frames: FrameSet, *, single_image: bool = False, reference: Tracking | None = None,
+              source: str = "") -> Tracking:
+        from ophav_mediapipe.detect import detect_landmarks
+
+        start = time.perf_counter()
+        timings = Timings(frames=len(frames))
+        if reference is not None and reference.mesh_type != MESH_TYPE:
+            raise InvalidData(f"reference tracking has mesh type {reference.mesh_type!r}; the mediapipe tracker "
+                              f"needs {MESH_TYPE!r}")
+        o = self.options
+        det = detect_landmarks(frames.frames, single_image=single_image, min_detection_confidence=o.min_detection_confidence,
+                               min_detection_size=o.min_detection_size)
+        timings.detect = time.perf_counter() - start
+        self._check_faces(det.valid, det.crowded, single_image, source, len(frames))
+        width, height = frames.size
+        K = self._camera(width, height, reference)
+
+        t0 = time.perf_counter()
+        valid = det.valid
+        R, t, shapes, identity = self._fit_pose(det.landmarks[valid], K)
+        video = not single_image and len(frames) > 2
+        if video and o.smooth > 0:
+            R, t = self._smooth_pose(R, t, frames.fps)
+            shapes = fit.to_canonical(fit.lift_to_camera(det.landmarks[valid], R, t, identity, rigid_weights(), K), R, t)
+        timings.pose = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        _, faces, _ = load_canonical_mesh()
+        if reference is None:
+            canonical = identity
+            basis = build_basis(canonical, faces, shapes - canonical, o.num_expressions)
+            residual = shapes - canonical
+        else:
+            canonical = reference.canonical_vertices.astype(np.float64)
+            basis = reference.expression_basis
+            residual = (shapes - identity) * (face_width(canonical) / face_width(identity))
+        expression = project_onto_basis(residual, basis)
+        timings.expression = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if video and o.smooth > 0:
+            expression = fit.one_euro_zero_phase(expression, frames.fps, min_cutoff=2.0 / o.smooth, beta=0.3 / o.smooth)
+        R, t, expression = self._fill(R, t, expression, valid)
+        timings.smooth = time.perf_counter() - t0
+
+        tracking = self._assemble(K, (width, height), R, t, expression, canonical, faces, basis, det.landmarks, valid)
+        timings.total = time.perf_counter() - start
+        self.last_timings = timings
+        return tracking
+
+    def expressions_for(self, motion: Motion, tracking: Tracking) -> np.ndarray:
+        """Coefficients (N, E) in ``tracking``'s basis for the motion's named expressions (scaled to the
+        tracking's face width) plus its dense offsets (face-width units, topology ``mediapipe468``)."""
+        if tracking.mesh_type != MESH_TYPE:
+            raise InvalidData(f"tracking has mesh type {tracking.mesh_type!r}; named expressions exist for {MESH_TYPE!r}")
+        n = len(motion)
+        canonical = tracking.canonical_vertices
+        width = face_width(canonical)
+        offsets = np.zeros((n,) + canonical.shape, np.float64)
+        named = named_offsets()
+        scale = width / face_width(load_canonical_mesh()[0])
+        for name, intensity in motion.expressions.items():
+            offsets += intensity[:, None, None] * named[name][None].astype(np.float64) * scale
+        if motion.offsets is not None:
+            if motion.topology != MESH_TYPE or motion.offsets.shape[1:] != canonical.shape:
+                raise InvalidData(f"motion offsets are for topology {motion.topology!r} {motion.offsets.shape[1:]}, "
+                                  f"this tracking is {MESH_TYPE!r} {canonical.shape}")
+            offsets += motion.offsets.astype(np.float64) * width
+        return project_onto_basis(offsets, tracking.expression_basis).astype(np.float32)
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    @staticmethod
+    def _check_faces(valid: np.ndarray, crowded: list[int], single_image: bool, source: str, count: int) -> None:
+        name = source or ("the portrait" if single_image else "the video")
+        if single_image and not valid.all():
+            raise NoFaceFound(f"no face found in {name}; use a photo where the face is visible and roughly frontal")
+        if not valid.any():
+            raise NoFaceFound(f"no face found in any of the {count} frames of {name}")
+        if crowded:
+            where = "the portrait" if single_image else f"{len(crowded)} frame(s) (first #{crowded[0]})"
+            warnings.warn(f"{name}: more than one face in {where}; tracking the largest", stacklevel=3)
+
+    def _camera(self, width: int, height: int, reference: Tracking | None) -> np.ndarray:
+        if reference is not None:
+            # The reference's camera model: the same focal length relative to the image size.
+            focal = float(reference.K[0, 0]) / float(max(reference.image_size)) * max(width, height)
+        elif self.options.focal_length is not None:
+            focal = float(self.options.focal_length)
+        else:
+            focal = self.options.focal_scale * max(width, height)
+        return fit.intrinsics(width, height, focal)
+
+    def _fit_pose(self, landmarks: np.ndarray, K: np.ndarray):
+        """Pose against the metric prior, the person's neutral shape from it, then the pose against that shape."""
+        prior = load_canonical_mesh()[0].astype(np.float64)
+        weights, index = rigid_weights(), rigid_indices()
+        R, t = fit.weak_perspective_pose(landmarks, prior, weights, K)
+        R, t = fit.refine_pnp(landmarks[..., :2], prior, R, t, K, index)
+        shapes = fit.to_canonical(fit.lift_to_camera(landmarks, R, t, prior, weights, K), R, t)
+        identity = self._identity(shapes, prior)
+        R, t = fit.refine_pnp(landmarks[..., :2], identity, R, t, K, index)
+        shapes = fit.to_canonical(fit.lift_to_camera(landmarks, R, t, identity, weights, K), R, t)
+        # Re-anchor the head frame on the prior's rigid points (the neutral shape may have drifted a little);
+        # shapes and poses move with it so X_cam is unchanged.
+        median = np.median(shapes, axis=0)
+        _, Ra, b = fit.weighted_similarity(prior, median[None], weights)
+        Ra, b = Ra[0], b[0]
+        shapes = (shapes - b) @ Ra
+        t = t + np.einsum("nij,j->ni", R, b)
+        R = R @ Ra
+        return R, t, shapes, (median - b) @ Ra
+
+    @staticmethod
+    def _identity(shapes: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """The person's neutral shape: the per-vertex median over frames (robust to a few bad frames and to
+        expressions held for part of the video)."""
+        return np.median(shapes, axis=0)
+
+    def _smooth_pose(self, R: np.ndarray, t: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
+        s = self.options.smooth
+        mean = _matrix(_rotvec(R).mean(0, keepdims=True))[0]
+        rel = _rotvec(np.einsum("ij,njk->nik", mean.T, R))  # small angles around the mean: no wrap-around
+        rel = fit.one_euro_zero_phase(rel, fps, min_cutoff=1.5 / s, beta=6.0 / s)
+        t = fit.one_euro_zero_phase(t, fps, min_cutoff=1.5 / s, beta=0.7 / s)
+        return mean[None] @ _matrix(rel), t
+
+    def _fill(self, R: np.ndarray, t: np.ndarray, expression: np.ndarray, valid: np.ndarray):
+        """Values for every frame: tracked frames as they are, gaps interpolated (long gaps hold the pose)."""
+        n = len(valid)
+        if valid.all():
+            return R, t, expression
+        lengths = fit.gap_lengths(valid)
+        mean = _matrix(_rotvec(R).mean(0, keepdims=True))[0]
+
+        def spread(values: np.ndarray) -> np.ndarray:
+            full = np.zeros((n,) + values.shape[1:])
+            full[valid] = values
+            filled = fit.fill_gaps(full, valid)
+            # Beyond max_gap: hold the nearest tracked frame instead of a long linear drift.
+            long_gap = lengths > self.options.max_gap
+            if long_gap.any():
+                idx = np.nonzero(valid)[0]
+                nearest = idx[np.abs(np.arange(n)[:, None] - idx[None]).argmin(1)]
+                filled[long_gap] = full[nearest[long_gap]]
+            return filled
+
+        rel = spread(_rotvec(np.einsum("ij,njk->nik", mean.T, R)))
+        return mean[None] @ _matrix(rel), spread(t), spread(expression)
+
+    def _assemble(self, K, size, R, t, expression, canonical, faces, basis, pixels, valid) -> Tracking:
+        R = R.astype(np.float32)
+        t = t.astype(np.float32)
+        expression = expression.astype(np.float32)
+        canonical = canonical.astype(np.float32)
+        local = canonical[None] + np.einsum("ne,evc->nvc", expression, basis)
+        vertices = np.einsum("nij,nvj->nvi", R, local) + t[:, None]
+        tracking = Tracking(K=K, image_size=np.array(size), rotation=R, translation=t, expression=expression,
+                            vertices=vertices, canonical_vertices=canonical, faces=faces, expression_basis=basis,
+                            landmarks=None, valid=valid.copy(), semantic={k: v.copy() for k, v in SEMANTIC.items()},
+                            mesh_type=MESH_TYPE)
+        # What the tracker saw; frames without a face get the interpolated mesh's projection.
+        landmarks = tracking.project(vertices.astype(np.float64)).astype(np.float32)
+        landmarks[valid] = pixels[valid, :, :2]
+        tracking.landmarks = landmarks
+        return tracking
