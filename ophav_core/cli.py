@@ -219,6 +219,7 @@ def weights_fetch(name: str = typer.Argument(...), url: Optional[str] = typer.Op
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("OPHAV_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     try:
         code = app(args=argv, prog_name="ophav", standalone_mode=False)
     except KeyboardInterrupt:

@@ -142,6 +142,8 @@ class Scheduler:
                                  f"options (see {self.root / 'config.json'}), or choose another --out")
             if manifest.data.get("portrait", {}).get("sha256") != sha256_of(self.portrait_path):
                 raise UsageError(f"{self.root} was started from another portrait; choose another --out")
+            for stale in self.root.rglob(".*.tmp"):  # half-written files of a killed process
+                stale.unlink(missing_ok=True)
             manifest.data["status"] = "running"
             manifest.data.setdefault("resumed", []).append(_now())
             return manifest

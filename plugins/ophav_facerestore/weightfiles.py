@@ -12,14 +12,14 @@ GFPGAN_V13 = WeightFile(
     url="https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.3.pth",
     license=_GFPGAN_TERMS, needed_by="restorer gfpgan (model=1.3)", restricted=False,
     description="GFPGAN v1.3 clean architecture, {'params_ema': state_dict}",
-    verify="ophav_facerestore.networks:verify_gfpgan")
+    verify="ophav_facerestore.networks:verify_gfpgan_v13")
 
 GFPGAN_V14 = WeightFile(
     name="gfpgan-v1.4", filename="GFPGANv1.4.pth",
     url="https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
     license=_GFPGAN_TERMS, needed_by="restorer gfpgan (model=1.4)", restricted=False,
     description="GFPGAN v1.4 clean architecture, {'params_ema': state_dict}",
-    verify="ophav_facerestore.networks:verify_gfpgan")
+    verify="ophav_facerestore.networks:verify_gfpgan_v14")
 
 CODEFORMER = WeightFile(
     name="codeformer", filename="codeformer.pth",

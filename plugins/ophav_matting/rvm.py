@@ -20,7 +20,7 @@ import numpy as np
 
 from ophav_core.errors import InvalidData, UsageError
 from ophav_core.stages import FrameSet, MaskSet, Segmenter, Tracking
-from ophav_core.weights import WeightFile, require
+from ophav_core.weights import require
 from ophav_matting.headcut import head_cut
 from ophav_matting.options import RVMOptions
 from ophav_matting.weights import RVM_WEIGHTS
@@ -119,10 +119,6 @@ class RVMSegmenter(Segmenter):
     def __init__(self, options=None, context=None):
         super().__init__(options, context)
         self._model = None
-
-    @property
-    def weight(self) -> WeightFile:
-        return RVM_WEIGHTS[self.options.variant]
 
     def model(self):
         if self._model is None:

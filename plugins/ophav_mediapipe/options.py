@@ -38,9 +38,9 @@ class MediapipeSegmenterOptions(BaseModel):
     temporal: float = Field(0.6, ge=0.0, lt=1.0, description=(
         "temporal stability for videos: weight of the previous frame's matte in an exponential moving average run "
         "forwards and backwards (0 = off)"))
-    hair_margin: float = Field(0.55, ge=0.0, le=2.0, description=(
+    hair_margin: float = Field(0.8, ge=0.0, le=2.0, description=(
         "how far above the forehead the head region reaches, in face heights (for hair)"))
-    side_margin: float = Field(0.3, ge=0.0, le=2.0, description=(
+    side_margin: float = Field(0.6, ge=0.0, le=2.0, description=(
         "how far beside the face the head region reaches, in face widths (for ears and hair)"))
     neck_margin: float = Field(0.12, ge=0.0, le=1.0, description=(
         "soft band below the jaw line, in face heights, over which alpha falls from 1 to 0 (the neck is cut)"))

@@ -16,7 +16,7 @@ def smoothstep(x: np.ndarray | float) -> np.ndarray:
 
 
 def mouth_interior(u: np.ndarray, v: np.ndarray, width_px: float, opening_px: float,
-                   lip_colour: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                   lip_colour: np.ndarray, teeth_strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Colours (P, 3) float32 and edge alpha (P,) of the mouth interior at mouth coordinates ``u``, ``v`` (P,).
 
     width_px: the mouth's width in the frame; opening_px: its mean inner height; lip_colour: the portrait's
@@ -41,7 +41,7 @@ def mouth_interior(u: np.ndarray, v: np.ndarray, width_px: float, opening_px: fl
     # Upper teeth: a band just under the upper lip, about a tenth of the mouth width tall, fading at the sides.
     tooth_h = 0.1 * width_px / opening_px
     lateral = smoothstep((0.36 - np.abs(u - 0.5)) / 0.12)
-    band = smoothstep((tooth_h - v) / max(0.25 * tooth_h, 1e-3)) * lateral
+    band = smoothstep((tooth_h - v) / max(0.25 * tooth_h, 1e-3)) * lateral * teeth_strength
     shade = (1.0 - 0.5 * ((u - 0.5) / 0.36) ** 2) * (0.72 + 0.28 * smoothstep(v / max(0.3 * tooth_h, 1e-3)))
     gaps = 1.0 - 0.18 * np.exp(-(((u - 0.46) % 0.08 - 0.04) / 0.006) ** 2) * smoothstep((opening_px - 6) / 6)
     teeth = np.array([[226.0, 218.0, 203.0]], np.float32) * np.clip(shade * gaps, 0.0, 1.0)
@@ -49,7 +49,8 @@ def mouth_interior(u: np.ndarray, v: np.ndarray, width_px: float, opening_px: fl
 
     # Lower teeth: a thinner, darker band above the lower lip when wide open.
     lower_h = 0.06 * width_px / opening_px
-    lower = smoothstep((v - (1 - lower_h)) / max(0.3 * lower_h, 1e-3)) * smoothstep((0.2 - np.abs(u - 0.5)) / 0.1) * wide
+    lower = (smoothstep((v - (1 - lower_h)) / max(0.3 * lower_h, 1e-3)) * smoothstep((0.2 - np.abs(u - 0.5)) / 0.1)
+             * wide * teeth_strength)
     colour = colour + (teeth * 0.75 - colour) * (lower * 0.8)
 
     alpha = smoothstep(rim_px[:, 0] / 1.2)

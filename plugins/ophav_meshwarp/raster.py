@@ -51,39 +51,40 @@ def rasterise_ids(points2d: np.ndarray, depth: np.ndarray, faces: np.ndarray, si
     return ids
 
 
-def triangle_affines(points2d: np.ndarray, values: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """(F, K, 3) affine maps ``value = M[:, :2] @ (x, y) + M[:, 2]`` that interpolate per-vertex ``values``
-    (V, K) linearly over each triangle of ``points2d`` (V, 2). Degenerate triangles get their mean value."""
+def barycentric_affines(points2d: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(F, 2, 3) affine maps from a pixel (x, y) to the barycentric weights of each triangle's 2nd and 3rd
+    corner: ``b = M[:, :2] @ (x, y) + M[:, 2]``. Degenerate triangles map everything to their first corner."""
     p = points2d[faces].astype(np.float64)  # (F, 3, 2)
-    v = values[faces].astype(np.float64)  # (F, 3, K)
     e1, e2 = p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]
     det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
     ok = np.abs(det) > 1e-9
     inv_det = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
-    # Barycentric weights of the 2nd and 3rd corner as affine functions of (x, y).
-    b1 = np.stack([e2[:, 1], -e2[:, 0]], axis=1) * inv_det[:, None]
-    b2 = np.stack([-e1[:, 1], e1[:, 0]], axis=1) * inv_det[:, None]
-    dv1, dv2 = v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]  # (F, K)
-    linear = dv1[:, :, None] * b1[:, None, :] + dv2[:, :, None] * b2[:, None, :]  # (F, K, 2)
-    offset = v[:, 0] - np.einsum("fkc,fc->fk", linear, p[:, 0])
-    mean = v.mean(axis=1)
-    offset = np.where(ok[:, None], offset, mean)
+    lin1 = np.stack([e2[:, 1], -e2[:, 0]], axis=1) * inv_det[:, None]
+    lin2 = np.stack([-e1[:, 1], e1[:, 0]], axis=1) * inv_det[:, None]
+    linear = np.stack([lin1, lin2], axis=1)  # (F, 2, 2)
+    offset = -np.einsum("fkc,fc->fk", linear, p[:, 0])
     return np.concatenate([linear, offset[:, :, None]], axis=2).astype(np.float32)
 
 
-def evaluate_affines(ids: np.ndarray, affines: np.ndarray, rows: np.ndarray | None = None,
-                     cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Evaluate each pixel's triangle's affine map.
-
-    Returns (rows, cols, values (P, K)) for the covered pixels (or for the given ``rows``/``cols``)."""
+def interpolate(ids: np.ndarray, bary: np.ndarray, faces: np.ndarray, values: np.ndarray,
+                rows: np.ndarray | None = None, cols: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-vertex ``values`` (V, K) interpolated at pixels of the id map (all covered pixels, or ``rows``,
+    ``cols``). Barycentric weights are clamped to the triangle, so pixels that the rasteriser's edge rule puts
+    just outside a thin triangle never extrapolate. Returns (rows, cols, values (P, K))."""
     if rows is None:
         rows, cols = np.nonzero(ids >= 0)
     tri = ids[rows, cols]
-    m = affines[tri]  # (P, K, 3)
-    x = cols.astype(np.float32)
-    y = rows.astype(np.float32)
-    values = m[:, :, 0] * x[:, None] + m[:, :, 1] * y[:, None] + m[:, :, 2]
-    return rows, cols, values
+    m = bary[tri]  # (P, 2, 3)
+    x = cols.astype(np.float32)[:, None]
+    y = rows.astype(np.float32)[:, None]
+    b = m[:, :, 0] * x + m[:, :, 1] * y + m[:, :, 2]  # (P, 2)
+    b = np.clip(b, 0.0, 1.0)
+    total = b.sum(axis=1, keepdims=True)
+    b = b / np.maximum(total, 1.0)
+    corner = values[faces[tri]].astype(np.float32)  # (P, 3, K)
+    out = corner[:, 0] + b[:, :1] * (corner[:, 1] - corner[:, 0]) + b[:, 1:] * (corner[:, 2] - corner[:, 0])
+    return rows, cols, out
 
 
 def signed_areas(points2d: np.ndarray, faces: np.ndarray) -> np.ndarray:

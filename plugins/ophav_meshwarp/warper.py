@@ -15,7 +15,7 @@ import numpy as np
 
 from ophav_meshwarp.field import HeadRings, border_points, head_rings, thin_plate_field
 from ophav_meshwarp.fills import mouth_interior, smoothstep
-from ophav_meshwarp.raster import evaluate_affines, facing_camera, rasterise_ids, signed_areas, triangle_affines
+from ophav_meshwarp.raster import barycentric_affines, facing_camera, interpolate, rasterise_ids, signed_areas
 from ophav_meshwarp.topology import MeshParts, contour_opening
 
 
@@ -188,14 +188,35 @@ def target_vertices(src: SourceFace, rotation_delta: np.ndarray, offsets_local: 
     return head @ np.asarray(rotation_delta, np.float64).T + centre
 
 
-def _outer_field(src: SourceFace, rotation_delta: np.ndarray, points2d: np.ndarray) -> np.ndarray:
+def _silhouette_targets(points2d: np.ndarray, oval: np.ndarray, ids: np.ndarray, face_width_px: float) -> np.ndarray:
+    """Where the outer field takes over from each face-oval vertex: its position, or, where the turned face
+    hides it (the far cheek), the first pixel outside the visible face along the ray from the face's centre.
+
+    So the background and hair beyond the far cheek start right at the visible silhouette, instead of the
+    hidden band of face between silhouette and oval showing up a second time outside it."""
+    size = ids.shape[0]
+    start = points2d[oval]
+    centre = points2d.mean(axis=0)
+    direction = start - centre
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True) + 1e-9
+    steps = np.arange(0.0, 0.5 * face_width_px + 1.0, 1.0)
+    probe = start[:, None, :] + steps[None, :, None] * direction[:, None, :]  # (O, S, 2)
+    col = np.clip(np.rint(probe[..., 0]).astype(int), 0, size - 1)
+    row = np.clip(np.rint(probe[..., 1]).astype(int), 0, size - 1)
+    outside = ids[row, col] < 0
+    first = np.where(outside.any(axis=1), outside.argmax(axis=1), len(steps) - 1)
+    return start + steps[first][:, None] * direction
+
+
+def _outer_field(src: SourceFace, rotation_delta: np.ndarray, points2d: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """(S, S, 2) backward displacement outside the mesh (thin-plate spline through the control points)."""
     oval = src.parts.face_oval
     centre = src.rotation @ src.pivot + src.translation
     rigid = ((src.rings.points - src.pivot) @ src.rotation.T) @ np.asarray(rotation_delta, np.float64).T + centre
     rigid2d = project(src.K, rigid)
     ring_target = src.rings2d + src.rings.follow[:, None] * (rigid2d - src.rings2d)
-    targets = np.concatenate([points2d[oval], ring_target, src.border])
+    oval_target = _silhouette_targets(points2d, oval, ids, src.face_width_px)
+    targets = np.concatenate([oval_target, ring_target, src.border])
     sources = np.concatenate([src.points2d[oval], src.rings2d, src.border])
     return thin_plate_field(targets, sources - targets, src.size, src.settings.field_grid)
 
@@ -212,6 +233,22 @@ def _soft_inside(mask: np.ndarray, feather_px: float) -> np.ndarray:
     return np.clip(2.0 * soft - 1.0, 0.0, 1.0) * m
 
 
+@dataclass
+class _Raster:
+    """One frame's rasterised target mesh."""
+
+    ids: np.ndarray
+    bary: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    points2d: np.ndarray
+
+    def values(self, faces: np.ndarray, per_vertex: np.ndarray, select: np.ndarray | None = None):
+        """Per-vertex values interpolated at the covered pixels (or the ``select``ed ones)."""
+        rows, cols = (self.rows, self.cols) if select is None else (self.rows[select], self.cols[select])
+        return interpolate(self.ids, self.bary, faces, per_vertex, rows, cols)
+
+
 def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.ndarray | None = None
                  ) -> tuple[np.ndarray, FrameInfo]:
     """One output frame (S, S, 3) uint8 for a relative head rotation and head-space expression offsets (V, 3)."""
@@ -222,60 +259,64 @@ def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.
     points2d = project(src.K, verts)
     front = facing_camera(verts, faces) > 0.0
     ids = rasterise_ids(points2d, verts[:, 2], faces, (size, size), front)
+    rows, cols = np.nonzero(ids >= 0)
+    raster = _Raster(ids, barycentric_affines(points2d, faces), rows, cols, points2d)
 
     # Backward map: the smooth outer field everywhere, the exact mesh map inside the face.
-    sample = src.pixel_grid() + _outer_field(src, rotation_delta, points2d)
-    affines = triangle_affines(points2d, src.points2d, faces)
-    rows, cols, mesh_xy = evaluate_affines(ids, affines)
+    sample = src.pixel_grid() + _outer_field(src, rotation_delta, points2d, ids)
+    _, _, mesh_xy = raster.values(faces, src.points2d)
     inside = _soft_inside(ids >= 0, src.settings.feather_px)[rows, cols][:, None]
     sample[rows, cols] += inside * (mesh_xy - sample[rows, cols])
     out = cv2.remap(src.image, sample[..., 0], sample[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     out = out.astype(np.float32)
 
-    mirror_fraction = _mirror_fill(src, out, ids, points2d, rows, cols)
-    eye_alpha = _eye_fill(src, out, ids, points2d, rows, cols) if src.settings.eye_fill else np.zeros(2)
-    mouth_alpha = _mouth_fill(src, out, ids, points2d, rows, cols) if src.settings.mouth_fill else 0.0
+    mirror_fraction = _mirror_fill(src, out, raster)
+    eye_alpha = _eye_fill(src, out, raster) if src.settings.eye_fill else np.zeros(2)
+    mouth_alpha = _mouth_fill(src, out, raster) if src.settings.mouth_fill else 0.0
     frame = np.clip(out + 0.5, 0, 255).astype(np.uint8)
     return frame, FrameInfo(float(mouth_alpha), eye_alpha, mirror_fraction, points2d.astype(np.float32))
 
 
-def _mirror_fill(src: SourceFace, out: np.ndarray, ids: np.ndarray, points2d: np.ndarray,
-                 rows: np.ndarray, cols: np.ndarray) -> float:
+def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear samples (P, 3) float32 of ``image`` at points ``xy`` (P, 2)."""
+    import cv2
+
+    if len(xy) == 0:
+        return np.zeros((0, 3), np.float32)
+    map_x = np.ascontiguousarray(xy[:, 0:1], np.float32)
+    map_y = np.ascontiguousarray(xy[:, 1:2], np.float32)
+    return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[:, 0].astype(np.float32)
+
+
+def _mirror_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
     """Resample the triangles the portrait shows badly from their mirror image; returns the share of face
     pixels that did."""
     import cv2
 
-    tri = ids[rows, cols]
+    tri = raster.ids[raster.rows, raster.cols]
     weight = src.mirror_weight[tri]
     use = weight > 0.01
     if not use.any():
         return 0.0
-    r, c, tri_u = rows[use], cols[use], tri[use]
-    r0, r1, c0, c1 = r.min(), r.max() + 1, c.min(), c.max() + 1
-    affines = triangle_affines(points2d, src.points2d[src.parts.symmetry], src.parts.faces)
-    _, _, xy = evaluate_affines(ids, affines, r, c)
-    map_x = np.zeros((r1 - r0, c1 - c0), np.float32)
-    map_y = np.zeros_like(map_x)
-    map_x[r - r0, c - c0], map_y[r - r0, c - c0] = xy[:, 0], xy[:, 1]
-    mirrored = cv2.remap(src.image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    r, c, xy = raster.values(src.parts.faces, src.points2d[src.parts.symmetry], use)
+    mirrored = _sample(src.image, xy) * src.mirror_gain[tri[use]]
     # Feather the seam between direct and mirrored samples.
+    r0, r1, c0, c1 = r.min(), r.max() + 1, c.min(), c.max() + 1
     wmap = np.zeros((r1 - r0, c1 - c0), np.float32)
     wmap[r - r0, c - c0] = weight[use]
-    wmap = cv2.GaussianBlur(wmap, (0, 0), max(1.0, src.size / 256)) * (ids[r0:r1, c0:c1] >= 0)
-    gains = np.ones((r1 - r0, c1 - c0, 3), np.float32)
-    gains[r - r0, c - c0] = src.mirror_gain[tri_u]
-    patch = out[r0:r1, c0:c1]
-    patch += wmap[..., None] * (mirrored.astype(np.float32) * gains - patch)
-    return float(weight.sum() / max(len(rows), 1))
+    sigma = max(1.0, src.size / 256)
+    wmap = cv2.GaussianBlur(wmap, (0, 0), sigma)[r - r0, c - c0][:, None]
+    out[r, c] += wmap * (mirrored - out[r, c])
+    return float(weight.sum() / max(len(tri), 1))
 
 
-def _eye_fill(src: SourceFace, out: np.ndarray, ids: np.ndarray, points2d: np.ndarray,
-              rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _eye_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> np.ndarray:
     """Closing eyes: cover what is left of the eye with the eyelid's skin colour and draw the lash line."""
     import cv2
 
     alphas = np.zeros(2)
-    tri = ids[rows, cols]
+    points2d = raster.points2d
+    tri = raster.ids[raster.rows, raster.cols]
     for k, contour in enumerate(src.parts.eyes):
         open_src = src.eye_open_px[k]
         if open_src < 0.5:
@@ -286,37 +327,66 @@ def _eye_fill(src: SourceFace, out: np.ndarray, ids: np.ndarray, points2d: np.nd
         if alpha <= 0.0:
             continue
         sel = src.parts.eye_face_owner[tri] == k
-        out[rows[sel], cols[sel]] += alpha * (src.lid_colour[k] - out[rows[sel], cols[sel]])
+        r, c = raster.rows[sel], raster.cols[sel]
+        out[r, c] += alpha * (src.lid_colour[k] - out[r, c])
         # The closed lids meet in a dark lash line along the lower lid.
-        lower = [v for v in contour if v not in set(src.parts.upper_lid[k].tolist())]
-        line = points2d[np.concatenate([[src.parts.upper_lid[k][0]], lower, [src.parts.upper_lid[k][-1]]])]
+        upper = src.parts.upper_lid[k]
+        lower = np.setdiff1d(contour, upper)
+        line = np.concatenate([points2d[upper[[0, -1]]], points2d[lower]])
         ordered = line[np.argsort(line[:, 0])]
         overlay = np.zeros(out.shape[:2], np.float32)
         thickness = max(1, int(round(src.face_width_px / 120)))
         cv2.polylines(overlay, [np.rint(ordered * 16).astype(np.int32)], False, 1.0, thickness, cv2.LINE_AA, 4)
         lash = np.array([45.0, 35.0, 35.0], np.float32)
-        a = (overlay * alpha * 0.7)[..., None]
-        out += a * (lash - out)
+        out += (overlay * alpha * 0.7)[..., None] * (lash - out)
     return alphas
 
 
-def _mouth_fill(src: SourceFace, out: np.ndarray, ids: np.ndarray, points2d: np.ndarray,
-                rows: np.ndarray, cols: np.ndarray) -> float:
-    """Paint a mouth interior where the mouth opens wider than in the portrait."""
-    lips = src.parts.lips_inner
-    opening = contour_opening(points2d, lips)
-    width = float(np.ptp(points2d[lips, 0])) + 1e-6
-    alpha = float(smoothstep((opening - 1.1 * src.mouth_open_px - 0.5) / (0.08 * width + 1.0)))
-    if alpha <= 0.0:
-        return 0.0
-    tri = ids[rows, cols]
+def _lip_chains(points2d: np.ndarray, parts: MeshParts, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Upper and lower inner-lip positions (P, 2) at mouth coordinates ``u`` (piecewise linear along the lips)."""
+    uv = parts.mouth_uv
+    lips = parts.lips_inner
+    out = []
+    for v_side in (0.0, 1.0):
+        chain = lips[(uv[lips, 1] == v_side) | (uv[lips, 1] == 0.5)]
+        chain = chain[np.argsort(uv[chain, 0])]
+        out.append(np.stack([np.interp(u, uv[chain, 0], points2d[chain, k]) for k in (0, 1)], axis=1))
+    return out[0], out[1]
+
+
+def _mouth_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
+    """The mouth interior of a mouth that opens wider than in the portrait.
+
+    The portrait's interior is kept at its own scale in two bands that move with the lips (upper teeth with the
+    upper lip, lower teeth with the lower lip); the gap that opens between them is the procedural cavity of
+    :func:`ophav_meshwarp.fills.mouth_interior`. Nothing is stretched. Returns the share of the interior that is
+    procedural."""
+    tri = raster.ids[raster.rows, raster.cols]
     sel = src.parts.mouth_faces[tri]
     if not sel.any():
-        return alpha
-    r, c = rows[sel], cols[sel]
-    affines = triangle_affines(points2d, src.parts.mouth_uv, src.parts.faces)
-    _, _, uv = evaluate_affines(ids, affines, r, c)
-    colour, edge = mouth_interior(uv[:, 0], uv[:, 1], width, opening, src.lip_colour)
-    a = (alpha * edge)[:, None]
+        return 0.0
+    r, c, uv = raster.values(src.parts.faces, src.parts.mouth_uv, sel)
+    u, v = np.clip(uv[:, 0], 0.0, 1.0), np.clip(uv[:, 1], 0.0, 1.0)
+    up_t, lo_t = _lip_chains(raster.points2d, src.parts, u)
+    up_s, lo_s = _lip_chains(src.points2d, src.parts, u)
+    h_t = np.linalg.norm(lo_t - up_t, axis=1)
+    h_s = np.linalg.norm(lo_s - up_s, axis=1)
+    if not (h_t > h_s + 0.5).any():
+        return 0.0
+    d_up, d_lo = v * h_t, (1.0 - v) * h_t
+    half = 0.5 * h_s
+    w_top = smoothstep(half - d_up + 0.5)
+    w_bot = smoothstep(half - d_lo + 0.5)
+    top = _sample(src.image, up_s + (d_up / np.maximum(h_s, 1e-6))[:, None] * (lo_s - up_s))
+    bottom = _sample(src.image, lo_s - (d_lo / np.maximum(h_s, 1e-6))[:, None] * (lo_s - up_s))
+    width = float(np.ptp(raster.points2d[src.parts.lips_inner, 0])) + 1e-6
+    opening = contour_opening(raster.points2d, src.parts.lips_inner)
+    teeth = 1.0 - float(smoothstep(src.mouth_open_px / (0.12 * width)))
+    cavity, edge = mouth_interior(u, v, width, opening, src.lip_colour, teeth)
+    w_cav = np.clip(1.0 - w_top - w_bot, 0.0, 1.0)
+    colour = w_top[:, None] * top + w_bot[:, None] * bottom + w_cav[:, None] * cavity
+    # Where the target mouth is narrower than the portrait's, the plain warp (a compression) is right.
+    wider = smoothstep(h_t - h_s)[:, None]
+    a = wider * np.maximum(edge, 1.0 - w_cav)[:, None]
     out[r, c] += a * (colour - out[r, c])
-    return alpha
+    return float((w_cav * wider[:, 0]).mean())

@@ -78,8 +78,8 @@ def correspond(reference: PortraitReference, vertices2d: np.ndarray, vertex_dept
     """The correspondence of a render of ``size`` = (height, width) whose mesh projects to ``vertices2d``."""
     faces = reference.faces
     raster = rasterise(vertices2d, vertex_depth, faces, size)
-    xy = raster.interpolate(reference.vertices2d, faces).astype(np.float32)
-    z = raster.interpolate(reference.vertex_depth, faces)
+    xyz = raster.interpolate(np.column_stack([reference.vertices2d, reference.vertex_depth]), faces)
+    xy, z = xyz[:, :2], xyz[:, 2]
     visible = reference.front[raster.tri] & _unoccluded(reference, raster.tri, xy, z)
     ratio = reference.area[raster.tri] / np.maximum(np.abs(signed_areas(vertices2d, faces))[raster.tri], 1e-9)
     typical = float(np.median(ratio[visible])) if visible.any() else 1.0

@@ -1,4 +1,4 @@
-"""A small triangle rasteriser for projected meshes: which triangle covers each pixel, with barycentrics.
+"""A small triangle rasteriser for projected meshes: which triangle covers each pixel, and interpolation over it.
 
 Meshes here are small (a face mesh has ~900 triangles), so the rasteriser is plain vectorised numpy: every
 pixel centre of every triangle's bounding box is tested against the triangle (exact barycentric inside test),
@@ -30,24 +30,38 @@ class Raster:
     """The visible surface of a mesh in one image.
 
     ids: int32 (H, W) triangle covering each pixel, -1 where none.
-    ys, xs: int (P,) the covered pixels; tri: int (P,) their triangles; bary: float32 (P, 3) barycentrics.
+    ys, xs: int (P,) the covered pixels; tri: int (P,) their triangles.
+    planes: float64 (F, 2, 3) per triangle, the affine functions of (x, y, 1) giving barycentrics b1 and b2.
     """
 
     ids: np.ndarray
     ys: np.ndarray
     xs: np.ndarray
     tri: np.ndarray
-    bary: np.ndarray
+    planes: np.ndarray
 
     @property
     def mask(self) -> np.ndarray:
         return self.ids >= 0
 
     def interpolate(self, values: np.ndarray, faces: np.ndarray) -> np.ndarray:
-        """Per-vertex values (V, ...) interpolated at the covered pixels: (P, ...)."""
-        corner = values[faces[self.tri]]  # (P, 3, ...)
-        weights = self.bary.reshape(self.bary.shape + (1,) * (corner.ndim - 2))
-        return (corner * weights).sum(axis=1)
+        """Per-vertex values (V,) or (V, C) interpolated at the covered pixels: float32 (P,) or (P, C).
+
+        Interpolation inside a triangle is affine in the pixel position, so each triangle's affine function is
+        built once and evaluated per pixel with a few one-dimensional gathers (much cheaper than gathering
+        three corners and three barycentrics per pixel)."""
+        values = np.asarray(values, np.float64)
+        flat = values.reshape(len(values), -1)
+        v0, v1, v2 = (flat[faces[:, k]] for k in range(3))
+        # value = v0 + b1 (v1 - v0) + b2 (v2 - v0), with b1, b2 affine in (x, y, 1).
+        coeff = (v1 - v0)[:, :, None] * self.planes[:, None, 0, :] + (v2 - v0)[:, :, None] * self.planes[:, None, 1, :]
+        coeff[:, :, 2] += v0
+        x, y = self.xs.astype(np.float64), self.ys.astype(np.float64)
+        out = np.empty((len(self.tri), flat.shape[1]), np.float32)
+        for c in range(flat.shape[1]):
+            a, b, d = (np.ascontiguousarray(coeff[:, c, j])[self.tri] for j in range(3))
+            out[:, c] = a * x + b * y + d
+        return out.reshape((len(self.tri),) + values.shape[1:])
 
     def dense(self, per_pixel: np.ndarray, fill: float = 0.0, dtype=np.float32) -> np.ndarray:
         """Scatter covered-pixel values (P, ...) into an image (H, W, ...)."""
@@ -68,65 +82,74 @@ def _barycentric_planes(vertices2d: np.ndarray, faces: np.ndarray) -> np.ndarray
     return np.concatenate([rows, offset[..., None]], axis=2)
 
 
-def _barycentrics(planes: np.ndarray, tri: np.ndarray, xs: np.ndarray,
-                  ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Barycentrics (b0, b1, b2), each (P,), of pixels (xs, ys) in triangles ``tri``."""
-    flat = [np.ascontiguousarray(planes[:, i, j])[tri] for i in range(2) for j in range(3)]
-    b1 = flat[0] * xs + flat[1] * ys + flat[2]
-    b2 = flat[3] * xs + flat[4] * ys + flat[5]
-    return 1.0 - b1 - b2, b1, b2
+def _enumerate(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For groups of the given sizes: the group of every element and its index within the group."""
+    group = np.repeat(np.arange(len(counts)), counts)
+    start = np.repeat(np.cumsum(counts) - counts, counts)
+    return group, np.arange(len(group)) - start
 
 
-def _candidates(tri2d: np.ndarray, keep: np.ndarray, width: int, height: int):
-    """Every (triangle, pixel) pair of the kept triangles' pixel bounding boxes, clipped to the image."""
-    lo = np.ceil(tri2d.min(axis=1)).astype(np.int64)
-    hi = np.floor(tri2d.max(axis=1)).astype(np.int64)
-    lo = np.maximum(lo, 0)
-    hi = np.minimum(hi, [width - 1, height - 1])
-    span = hi - lo + 1
-    count = np.where(keep & (span > 0).all(axis=1), span[:, 0] * span[:, 1], 0)
-    tri = np.repeat(np.arange(len(tri2d)), count)
-    start = np.repeat(np.cumsum(count) - count, count)
-    local = np.arange(len(tri)) - start
-    box_w = span[tri, 0]
-    return tri, lo[tri, 0] + local % box_w, lo[tri, 1] + local // box_w
+def _covered_pixels(tri2d: np.ndarray, keep: np.ndarray, width: int, height: int):
+    """Every (triangle, pixel) pair whose pixel centre lies inside the triangle (edges included), by scanline
+    spans: per triangle and pixel row, the row's intersection with the triangle's edges gives an exact pixel
+    span, so no pixel outside a triangle is ever generated."""
+    y_lo = np.maximum(np.ceil(tri2d[:, :, 1].min(axis=1)), 0).astype(np.int64)
+    y_hi = np.minimum(np.floor(tri2d[:, :, 1].max(axis=1)), height - 1).astype(np.int64)
+    rows = np.where(keep, np.maximum(y_hi - y_lo + 1, 0), 0)
+    tri, row = _enumerate(rows)
+    y = (y_lo[tri] + row).astype(np.float64)
+    left = np.full(len(tri), np.inf)
+    right = np.full(len(tri), -np.inf)
+    for i, j in ((0, 1), (1, 2), (2, 0)):
+        ax, ay, bx, by = tri2d[tri, i, 0], tri2d[tri, i, 1], tri2d[tri, j, 0], tri2d[tri, j, 1]
+        crosses = (np.minimum(ay, by) <= y) & (y <= np.maximum(ay, by)) & (ay != by)
+        x = ax + (y - ay) * (bx - ax) / np.where(ay != by, by - ay, 1.0)
+        left = np.where(crosses, np.minimum(left, x), left)
+        right = np.where(crosses, np.maximum(right, x), right)
+    x0 = np.maximum(np.ceil(left), 0)
+    x1 = np.minimum(np.floor(right), width - 1)
+    length = np.where(np.isfinite(x0) & np.isfinite(x1), np.maximum(x1 - x0 + 1, 0), 0).astype(np.int64)
+    span, offset = _enumerate(length)
+    return tri[span], x0[span].astype(np.int64) + offset, y[span].astype(np.int64)
 
 
 def rasterise(vertices2d: np.ndarray, depth: np.ndarray, faces: np.ndarray, size: tuple[int, int],
               cull: bool = True) -> Raster:
-    """The nearest triangle and its barycentrics at every pixel of an image of ``size`` = (height, width).
+    """The nearest triangle at every pixel of an image of ``size`` = (height, width).
 
-    Vectorised over (triangle, pixel) pairs of the triangles' bounding boxes: an exact inside test per pixel
-    centre, then a z-buffer (smallest interpolated depth wins). Back-facing triangles are dropped when ``cull``."""
+    Vectorised over (triangle, pixel) pairs from exact scanline spans, then a z-buffer (smallest interpolated
+    depth wins) where triangles overlap. Back-facing triangles are dropped when ``cull``."""
     height, width = size
     vertices2d = np.asarray(vertices2d, np.float64)
     depth = np.asarray(depth, np.float64)
     faces = np.asarray(faces, np.int64)
     keep = front_facing(vertices2d, faces) if cull else np.abs(signed_areas(vertices2d, faces)) > 1e-6
     planes = _barycentric_planes(vertices2d, faces)
-    tri, xs, ys = _candidates(vertices2d[faces], keep, width, height)
-    b0, b1, b2 = _barycentrics(planes, tri, xs, ys)
-    eps = -1e-7
-    inside = np.flatnonzero((b0 >= eps) & (b1 >= eps) & (b2 >= eps))
-    tri, xs, ys = tri[inside], xs[inside], ys[inside]
-    bary = np.stack([b0[inside], b1[inside], b2[inside]], -1)
-    winner = _nearest_per_pixel(ys * width + xs, (bary * depth[faces[tri]]).sum(axis=1), height * width)
+    tri, xs, ys = _covered_pixels(vertices2d[faces], keep, width, height)
+    winner = _nearest_per_pixel(ys * width + xs, tri, xs, ys, planes, depth[faces], height * width)
     tri, xs, ys = tri[winner], xs[winner], ys[winner]
     ids = np.full((height, width), -1, np.int32)
     ids[ys, xs] = tri
-    bary = np.clip(bary[winner], 0.0, 1.0).astype(np.float32)
-    return Raster(ids, ys, xs, tri, bary)
+    return Raster(ids, ys, xs, tri, planes)
 
 
-def _nearest_per_pixel(pixel: np.ndarray, z: np.ndarray, num_pixels: int) -> np.ndarray:
+def _nearest_per_pixel(pixel: np.ndarray, tri: np.ndarray, xs: np.ndarray, ys: np.ndarray, planes: np.ndarray,
+                       corner_depth: np.ndarray, num_pixels: int) -> np.ndarray:
     """Indices of the nearest candidate of every covered pixel (a z-buffer). Most pixels have one candidate
-    (front faces rarely overlap), so only the others are sorted."""
+    (front faces overlap only along shared edges and where one part of the face hides another), so depth is
+    interpolated and sorted for the others only."""
     count = np.bincount(pixel, minlength=num_pixels)
     shared = count[pixel] > 1
     single = np.flatnonzero(~shared)
     multi = np.flatnonzero(shared)
     if len(multi) == 0:
         return single
-    order = multi[np.lexsort((z[multi], pixel[multi]))]  # by pixel, nearest first
-    first = order[np.r_[True, pixel[order][1:] != pixel[order][:-1]]]
-    return np.concatenate([single, first])
+    t, x, y = tri[multi], xs[multi], ys[multi]
+    p = planes[t]
+    b1 = p[:, 0, 0] * x + p[:, 0, 1] * y + p[:, 0, 2]
+    b2 = p[:, 1, 0] * x + p[:, 1, 1] * y + p[:, 1, 2]
+    d = corner_depth[t]
+    z = (1.0 - b1 - b2) * d[:, 0] + b1 * d[:, 1] + b2 * d[:, 2]
+    order = np.lexsort((z, pixel[multi]))  # by pixel, nearest first
+    first = order[np.r_[True, pixel[multi][order][1:] != pixel[multi][order][:-1]]]
+    return np.concatenate([single, multi[first]])

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ophav_core.motion import Motion
-from ophav_core.stages import FrameSet, Image2Video, Portrait
+# stages before motion: importing ophav_core.motion first hits a circular import in core.
+from ophav_core.stages import FrameSet, Image2Video, Portrait  # isort: skip
+from ophav_core.motion import Motion  # isort: skip
 from ophav_core.weights import require
 from ophav_talkinghead.checkpoints import load_strict, read_checkpoint
 from ophav_talkinghead.expressions import EXPRESSION_NAMES, expression_offsets

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from ophav_core.errors import UsageError
-from ophav_core.motion import Motion
-from ophav_core.stages import FrameSet, Image2Video, Portrait
+# stages before motion: importing ophav_core.motion first hits a circular import in core.
+from ophav_core.stages import FrameSet, Image2Video, Portrait  # isort: skip
+from ophav_core.motion import Motion  # isort: skip
 from ophav_core.weights import require
 from ophav_talkinghead.checkpoints import load_strict, read_checkpoint
 from ophav_talkinghead.fomm_net import FOMMNetworks, Keypoints, build_fomm, relative_keypoints
@@ -34,7 +35,10 @@ def load_fomm(path, model_params: dict | None = None) -> FOMMNetworks:
 
 def hull_area(points: np.ndarray) -> float:
     """Area of the convex hull of 2D points (0 for degenerate sets)."""
-    from scipy.spatial import ConvexHull, QhullError
+    try:
+        from scipy.spatial import ConvexHull, QhullError
+    except ImportError as exc:
+        raise UsageError("fomm: adapt_movement_scale needs scipy (pip install 'ophav[talkinghead]')") from exc
 
     try:
         return float(ConvexHull(points).volume)  # in 2D, "volume" is the area

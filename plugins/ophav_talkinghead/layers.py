@@ -256,6 +256,19 @@ class SpectralConv2d(nn.Module):
         self.register_buffer("weight_v", F.normalize(torch.randn(in_channels * kernel_size * kernel_size), dim=0))
         nn.init.kaiming_uniform_(self.weight_orig, a=5**0.5)
         self.padding = padding
+        self.estimate_singular_vectors()
+
+    @torch.no_grad()
+    def estimate_singular_vectors(self, iterations: int = 10) -> None:
+        """Power iteration for ``weight_u``/``weight_v`` (a trained checkpoint stores converged ones; this makes a
+        freshly initialised layer behave like one)."""
+        matrix = self.weight_orig.flatten(1)
+        u, v = self.weight_u, self.weight_v
+        for _ in range(iterations):
+            v = F.normalize(matrix.t() @ u, dim=0)
+            u = F.normalize(matrix @ v, dim=0)
+        self.weight_u.copy_(u)
+        self.weight_v.copy_(v)
 
     def weight(self) -> torch.Tensor:
         matrix = self.weight_orig.flatten(1)

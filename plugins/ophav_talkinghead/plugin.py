@@ -18,7 +18,7 @@ def register_image2video(register) -> None:
         stage="image2video", name="fomm", factory="ophav_talkinghead.fomm:FOMM",
         options="ophav_talkinghead.options:FOMMOptions",
         summary="First Order Motion Model (vox-256): relative motion transfer from a driving video (--driver)",
-        requires=("torch", "scipy"), weights=(FOMM_VOX.name,), extra="talkinghead"))
+        requires=("torch",), weights=(FOMM_VOX.name,), extra="talkinghead"))
 
 
 @hookimpl

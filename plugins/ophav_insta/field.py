@@ -1,0 +1,299 @@
+"""The ``insta`` avatar field: fit / load / render, and the single-file checkpoint.
+
+Checkpoint (``torch.save`` of plain containers, loadable with ``weights_only=True``)::
+
+    {"format": "ophav-insta", "version": 1,
+     "config": FieldConfig dict, "geometry": Geometry dict, "options": the options used,
+     "field": EMA weights (state dict), "deformer": candidate grid, "occupancy": occupancy grid,
+     "template": Tracking.to_arrays() of a few frames (numeric arrays as tensors, strings as str),
+     "info": JSON-able summary}
+"""
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ophav_core.errors import InvalidData, UsageError
+from ophav_core.stages.avatar_field import AvatarCheckpoint, AvatarField
+from ophav_core.stages.data import FrameSet, MaskSet, RenderRequest, RenderResult, Tracking, atomic_write_bytes
+from ophav_insta.options import InstaOptions
+
+FORMAT, VERSION = "ophav-insta", 1
+TEMPLATE_FRAMES = 8
+
+
+@dataclass
+class _Loaded:
+    """A checkpoint ready to render on one device."""
+
+    field: Any
+    deformer: Any
+    geometry: Any
+    occupancy: Any
+    template: Tracking
+    background: str
+    samples_per_ray: int
+
+
+class InstaField(AvatarField):
+    """INSTA-style deformable hash-grid NeRF head avatar."""
+
+    Options = InstaOptions
+    options: InstaOptions
+
+    def __init__(self, options=None, context=None):
+        super().__init__(options, context)
+        self._cache: dict[tuple, _Loaded] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _device(self):
+        import torch
+
+        device = torch.device(self.context.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("the run asks for CUDA but torch sees no GPU")
+        return device
+
+    def _backend(self, device) -> str:
+        from ophav_insta.hashgrid import resolve_backend
+
+        try:
+            return resolve_backend(self.options.backend, device)
+        except RuntimeError as exc:
+            raise UsageError(f"insta: {exc}") from None
+
+    def _iterations(self, init: AvatarCheckpoint | None, iterations: int | None) -> int:
+        if iterations is not None:
+            return int(iterations)
+        if self.options.iterations is not None:
+            return int(self.options.iterations)
+        profile = self.context.profile
+        return int(profile.refit_iterations if init is not None else profile.fit_iterations)
+
+    def _field_config(self, tracking: Tracking, device) -> "FieldConfig":  # noqa: F821
+        from ophav_insta.model import FieldConfig
+
+        opt = self.options
+        log2 = opt.log2_table if opt.log2_table is not None else (19 if device.type == "cuda" else 16)
+        return FieldConfig(levels=opt.levels, features_per_level=opt.features_per_level, log2_table=log2,
+                           base_resolution=opt.base_resolution, finest_resolution=opt.finest_resolution,
+                           hidden_dim=opt.hidden_dim, geo_features=opt.geo_features, color_layers=opt.color_layers,
+                           expression_dim=tracking.num_expressions, expression_falloff=opt.expression_falloff)
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, out: Path,
+            init: AvatarCheckpoint | None = None, iterations: int | None = None) -> AvatarCheckpoint:
+        import torch
+
+        from ophav_insta.deform import MeshDeformer, reference_meshes, unposed_vertices
+        from ophav_insta.model import FieldConfig, Geometry
+        from ophav_insta.train import Scene, Stopwatch, Trainer, psnr
+
+        masks.check_matches(frames)
+        tracking.check_matches(frames)
+        device = self._device()
+        backend = self._backend(device)
+        total = self._iterations(init, iterations)
+        opt = self.options
+        unposed = unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation)
+        field_state = occupancy_state = None
+        previous: dict[str, Any] = {}
+        if init is not None:
+            ckpt = read_checkpoint(init.path)
+            config, geometry = FieldConfig.from_dict(ckpt["config"]), Geometry.from_dict(ckpt["geometry"])
+            _check_compatible(ckpt, tracking)
+            deformer = _deformer_from_checkpoint(ckpt, device)
+            field_state, occupancy_state, previous = ckpt["field"], ckpt["occupancy"], ckpt["info"]
+        else:
+            config = self._field_config(tracking, device)
+            geometry = Geometry.from_meshes(tracking.canonical_vertices, unposed, tracking.mesh_type, opt.box_margin,
+                                            opt.box_extra_up, opt.box_extra_back, opt.deform_near, opt.deform_far)
+            refs = reference_meshes(unposed, tracking.canonical_vertices)
+            deformer = MeshDeformer.build(tracking.canonical_vertices, tracking.faces, refs, opt.candidate_grid,
+                                          opt.candidates, geometry.near, geometry.far, device)
+        voxel = geometry.cube_side / opt.occupancy_resolution
+        displacement = float(np.linalg.norm(unposed - tracking.canonical_vertices[None], axis=-1).max())
+        dilation = int(min(4, max(1, math.ceil(displacement / voxel))))
+        scene = Scene.build(frames, masks, tracking, geometry, device)
+        trainer = Trainer(opt, config, geometry, deformer, scene, device, self.context.seed, backend, total,
+                          field_state, occupancy_state, dilation)
+        watch = Stopwatch(device)
+        last_loss, last_mse = float("nan"), float("nan")
+        with self.context.progress(total, "fit") as bar:
+            for i in range(total):
+                loss, mse = trainer.step()
+                if (i + 1) % opt.progress_every == 0 or i + 1 == total:  # reading a loss syncs the GPU
+                    last_loss, last_mse = float(loss), float(mse)
+                    bar.advance(1, psnr=psnr(last_mse), loss=last_loss)
+                else:
+                    bar.advance(1)
+        trainer.finalize()
+        seconds = watch.elapsed()
+        info = {
+            "component": "insta", "iterations": total,
+            "total_iterations": int(previous.get("total_iterations", 0)) + total,
+            "loss": last_loss, "psnr": psnr(last_mse) if math.isfinite(last_mse) else None,
+            "seconds": round(seconds, 3), "iterations_per_second": round(total / seconds, 2) if seconds > 0 else None,
+            "device": str(device), "backend": backend, "frames": len(frames),
+            "image_size": [int(s) for s in frames.size], "background": opt.background,
+            "occupied_fraction": round(trainer.occupancy.fraction(), 4),
+            "samples_per_ray": round(trainer.samples_evaluated / max(trainer.rays_traced, 1), 2),
+            "continued_from": str(init.path) if init is not None else None,
+        }
+        template = _template(tracking)
+        payload = {
+            "format": FORMAT, "version": VERSION, "config": config.to_dict(), "geometry": geometry.to_dict(),
+            "options": opt.model_dump(), "field": {k: v.detach().cpu().clone() for k, v in trainer.ema.state_dict().items()},
+            "deformer": deformer.state(), "occupancy": trainer.occupancy.state(),
+            "template": tracking_to_tensors(template), "info": info,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        out = Path(out)
+        atomic_write_bytes(out, buffer.getvalue())
+        return AvatarCheckpoint(path=out, template=template, info=info)
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, path: Path) -> AvatarCheckpoint:
+        ckpt = read_checkpoint(path)
+        return AvatarCheckpoint(path=Path(path), template=tracking_from_tensors(ckpt["template"]), info=dict(ckpt["info"]))
+
+    def _loaded(self, path: Path) -> _Loaded:
+        from ophav_insta.model import CanonicalField, FieldConfig, Geometry
+        from ophav_insta.render import OccupancyGrid
+
+        device = self._device()
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, str(device), self.options.backend)
+        if key in self._cache:
+            return self._cache[key]
+        ckpt = read_checkpoint(path)
+        config, geometry = FieldConfig.from_dict(ckpt["config"]), Geometry.from_dict(ckpt["geometry"])
+        field = CanonicalField(config, self._backend(device))
+        field.load_state_dict(ckpt["field"])
+        field.to(device).eval().requires_grad_(False)
+        tensors = geometry.tensors(device)
+        occupancy_state = ckpt["occupancy"]
+        resolution = round(occupancy_state["density"].numel() ** (1 / 3))
+        occupancy = OccupancyGrid(resolution, tensors["cube_min"], geometry.cube_side, int(occupancy_state["dilation"]))
+        occupancy.load_state(occupancy_state)
+        trained = ckpt["options"]
+        loaded = _Loaded(field, _deformer_from_checkpoint(ckpt, device), geometry, occupancy,
+                         tracking_from_tensors(ckpt["template"]), str(trained.get("background", "white")),
+                         int(trained.get("samples_per_ray", self.options.samples_per_ray)))
+        self._cache = {key: loaded}  # one avatar at a time: a new checkpoint frees the previous one
+        return loaded
+
+    # ------------------------------------------------------------------ render
+
+    def render(self, avatar: AvatarCheckpoint, request: RenderRequest) -> RenderResult:
+        import torch
+
+        from ophav_insta.model import FrameData
+        from ophav_insta.train import background_rgb, render_image
+
+        model = self._loaded(avatar.path)
+        template = model.template
+        if request.expression.shape[1] != template.num_expressions:
+            raise InvalidData(f"RenderRequest.expression has {request.expression.shape[1]} coefficients, the avatar "
+                              f"{template.num_expressions}")
+        device = self._device()
+        width, height = (int(s) for s in request.resolution)
+        n = len(request)
+        rgb = np.zeros((n, height, width, 3), np.uint8)
+        alpha = np.zeros((n, height, width), np.float32)
+        depth = np.zeros((n, height, width), np.float32)
+        options = self.options.model_copy(update={"samples_per_ray": model.samples_per_ray})
+        background = background_rgb(model.background, device)
+        amp = bool(self.options.amp and device.type == "cuda")
+        canonical = torch.as_tensor(template.canonical_vertices, device=device)
+        basis = torch.as_tensor(template.expression_basis, device=device)
+        f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
+        for i in range(n):
+            expression = f32(request.expression[i:i + 1])
+            mesh = canonical[None] + torch.einsum("ne,evc->nvc", expression, basis)
+            K_inv = f32(np.linalg.inv(request.K[i]))[None]
+            out = render_image(model.field, model.deformer, model.geometry, model.occupancy,
+                               FrameData(mesh, expression), K_inv, f32(request.rotation[i:i + 1]),
+                               f32(request.translation[i:i + 1]), (width, height), options, background, amp)
+            rgb[i] = (out[0] * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+            alpha[i], depth[i] = out[1].cpu().numpy(), out[2].cpu().numpy()
+        return RenderResult(rgb=rgb, alpha=alpha, depth=depth)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (no code runs: ``weights_only=True``) and check its format."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"avatar checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise InvalidData(f"{path} is not a readable insta checkpoint: {exc}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise InvalidData(f"{path} is not an insta checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'})")
+    if int(ckpt.get("version", 0)) > VERSION:
+        raise InvalidData(f"{path} was written by a newer ophav-insta (version {ckpt['version']})")
+    return ckpt
+
+
+def _deformer_from_checkpoint(ckpt: dict[str, Any], device):
+    import torch
+
+    from ophav_insta.deform import MeshDeformer
+
+    template = ckpt["template"]
+    geometry = ckpt["geometry"]
+    state = ckpt["deformer"]
+    return MeshDeformer.from_tensors(
+        template["canonical_vertices"].to(device=device, dtype=torch.float32),
+        template["faces"].to(device=device, dtype=torch.int64), state["grid_min"].to(device),
+        state["grid_max"].to(device), state["candidates"].to(device=device, dtype=torch.int64),
+        geometry["near"], geometry["far"])
+
+
+def _check_compatible(ckpt: dict[str, Any], tracking: Tracking) -> None:
+    template = ckpt["template"]
+    if tuple(template["faces"].shape) != tracking.faces.shape or not np.array_equal(template["faces"].numpy(), tracking.faces):
+        raise UsageError("insta: the checkpoint to continue from was trained on another mesh topology")
+    if int(template["expression_basis"].shape[0]) != tracking.num_expressions:
+        raise UsageError(f"insta: the checkpoint has {int(template['expression_basis'].shape[0])} expression "
+                         f"coefficients, the tracking {tracking.num_expressions}")
+
+
+def _template(tracking: Tracking) -> Tracking:
+    """What rendering needs: camera, canonical mesh, faces, basis, semantic groups and a few example frames."""
+    n = len(tracking)
+    index = np.unique(np.linspace(0, n - 1, min(n, TEMPLATE_FRAMES)).round().astype(np.int64))
+    return tracking.subset(index)
+
+
+def tracking_to_tensors(tracking: Tracking) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in tracking.to_arrays().items():
+        if value.dtype.kind == "U":
+            out[key] = str(value)
+        else:
+            out[key] = torch.from_numpy(np.array(value, copy=True))
+    return out
+
+
+def tracking_from_tensors(data: dict[str, Any]) -> Tracking:
+    arrays = {k: np.array(v) if isinstance(v, str) else v.numpy() for k, v in data.items()}
+    return Tracking.from_arrays(arrays)

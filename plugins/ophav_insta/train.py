@@ -1,0 +1,267 @@
+"""Training: the dataset on the device, batches of rays from a few frames, the loss, Adam + EMA, the occupancy
+grid schedule. Used by :class:`ophav_insta.field.InstaField` and by the benchmark."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ophav_core.stages.data import FrameSet, MaskSet, Tracking
+from ophav_insta.deform import MeshDeformer, unposed_vertices
+from ophav_insta.model import CanonicalField, FieldConfig, FrameData, Geometry, HeadField
+from ophav_insta.options import InstaOptions
+from ophav_insta.render import (OccupancyGrid, Rays, distortion_loss, make_rays, march_render, march_train,
+                                opacity_entropy)
+
+
+def background_rgb(name: str, device) -> torch.Tensor:
+    return torch.full((3,), 1.0 if name == "white" else 0.0, device=device)
+
+
+def box_corners(geometry: Geometry) -> np.ndarray:
+    lo, hi = np.asarray(geometry.box_min), np.asarray(geometry.box_max)
+    return np.array([[(hi if (c >> d) & 1 else lo)[d] for d in range(3)] for c in range(8)], np.float64)
+
+
+def box_rects(geometry: Geometry, rotation: np.ndarray, translation: np.ndarray, K: np.ndarray,
+              size: tuple[int, int]) -> np.ndarray:
+    """(N, 4) int64 x0, y0, x1, y1 (inclusive) pixel rectangles covering the projected head box of each frame
+    (the whole image when the box reaches behind the camera)."""
+    width, height = size
+    cam = np.einsum("nij,cj->nci", rotation.astype(np.float64), box_corners(geometry)) + translation[:, None, :]
+    z = cam[..., 2]
+    uv = cam[..., :2] / np.clip(z, 1e-9, None)[..., None]
+    u = K[0, 0] * uv[..., 0] + K[0, 2]
+    v = K[1, 1] * uv[..., 1] + K[1, 2]
+    rects = np.stack([np.floor(u.min(1)), np.floor(v.min(1)), np.ceil(u.max(1)), np.ceil(v.max(1))], axis=1)
+    rects = np.clip(rects, 0, [width - 1, height - 1, width - 1, height - 1])
+    behind = (z <= 1e-6).any(axis=1)
+    rects[behind] = [0, 0, width - 1, height - 1]
+    return rects.astype(np.int64)
+
+
+@dataclass
+class Scene:
+    """The training frames on the device. images uint8 (N, H, W, 3); masks uint8 (N, H, W); per frame:
+    rotation, translation, K_inv, unposed meshes, expressions, pixel rectangles; ``usable`` frame indices."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    rotation: torch.Tensor
+    translation: torch.Tensor
+    K_inv: torch.Tensor
+    meshes: torch.Tensor
+    expressions: torch.Tensor
+    rects: torch.Tensor
+    usable: torch.Tensor
+
+    @classmethod
+    def build(cls, frames: FrameSet, masks: MaskSet, tracking: Tracking, geometry: Geometry, device) -> "Scene":
+        n = len(tracking)
+        K_inv = np.linalg.inv(tracking.K).astype(np.float32)
+        rects = box_rects(geometry, tracking.rotation, tracking.translation, tracking.K, frames.size)
+        usable = np.arange(n) if tracking.valid is None or not tracking.valid.any() else np.flatnonzero(tracking.valid)
+        unposed = unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation)
+        t = lambda a, dt=torch.float32: torch.as_tensor(np.ascontiguousarray(a), dtype=dt).to(device)  # noqa: E731
+        alpha8 = np.rint(masks.alpha * 255.0).astype(np.uint8)
+        return cls(t(frames.frames, torch.uint8), t(alpha8, torch.uint8), t(tracking.rotation), t(tracking.translation),
+                   t(np.broadcast_to(K_inv, (n, 3, 3))), t(unposed), t(tracking.expression), t(rects, torch.int64),
+                   t(usable, torch.int64))
+
+
+@dataclass
+class Batch:
+    rays: Rays
+    frames: FrameData
+    target: torch.Tensor  # (R, 3) composited over the background
+    alpha: torch.Tensor  # (R,)
+
+
+class Trainer:
+    """One optimisation of the canonical field on a :class:`Scene`."""
+
+    def __init__(self, options: InstaOptions, config: FieldConfig, geometry: Geometry, deformer: MeshDeformer,
+                 scene: Scene, device, seed: int, backend: str, total_iterations: int,
+                 field_state: dict | None = None, occupancy_state: dict | None = None, dilation: int = 1):
+        self.options, self.config, self.geometry, self.deformer, self.scene = options, config, geometry, deformer, scene
+        self.device = torch.device(device)
+        self.total = max(int(total_iterations), 1)
+        self.field = CanonicalField(config, backend)
+        self.field.reset_parameters(torch.Generator().manual_seed(seed))
+        self.field.to(self.device)
+        if field_state is not None:
+            self.field.load_state_dict(field_state)
+        self.ema = copy.deepcopy(self.field)
+        self.ema.requires_grad_(False)
+        self._params = [p for p in self.field.parameters()]
+        self._ema_params = [p for p in self.ema.parameters()]
+        cuda = self.device.type == "cuda"
+        groups = [{"params": [self.field.encoding.table], "lr": options.lr_grid, "base_lr": options.lr_grid},
+                  {"params": [p for n, p in self.field.named_parameters() if not n.startswith("encoding.")],
+                   "lr": options.lr_mlp, "base_lr": options.lr_mlp, "weight_decay": 1e-6}]
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, **({"fused": True} if cuda else {}))
+        tensors = geometry.tensors(self.device)
+        self.box_min, self.box_max = tensors["box_min"], tensors["box_max"]
+        self.occupancy = OccupancyGrid(options.occupancy_resolution, tensors["cube_min"], geometry.cube_side, dilation)
+        if occupancy_state is not None and occupancy_state["density"].numel() == options.occupancy_resolution ** 3:
+            self.occupancy.load_state(occupancy_state)
+        self.generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.background = background_rgb(options.background, self.device)
+        self.amp = bool(options.amp and cuda)
+        self.step_count = 0
+        self.samples_evaluated = 0
+        self.rays_traced = 0
+        if options.compile and cuda:
+            for net in (self.field.density_net, self.field.color_net):
+                net.compile(dynamic=True)
+
+    # ------------------------------------------------------------------ batches
+
+    def sample_batch(self) -> Batch:
+        opt, scene, gen, dev = self.options, self.scene, self.generator, self.device
+        per_frame = max(1, opt.batch_rays // opt.frames_per_batch)
+        num_frames = max(1, opt.batch_rays // per_frame)
+        pick = scene.usable[torch.randint(0, scene.usable.numel(), (num_frames,), generator=gen, device=dev)]
+        local = torch.arange(num_frames, device=dev).repeat_interleave(per_frame)
+        rect = scene.rects[pick][local]
+        rand = torch.rand(local.numel(), 2, generator=gen, device=dev)
+        u = rect[:, 0] + (rand[:, 0] * (rect[:, 2] - rect[:, 0] + 1).float()).long().clamp_min(0)
+        v = rect[:, 1] + (rand[:, 1] * (rect[:, 3] - rect[:, 1] + 1).float()).long().clamp_min(0)
+        u, v = torch.minimum(u, rect[:, 2]), torch.minimum(v, rect[:, 3])
+        frame = pick[local]
+        rgb = scene.images[frame, v, u].float() / 255.0
+        alpha = scene.masks[frame, v, u].float() / 255.0
+        target = rgb * alpha[:, None] + self.background * (1.0 - alpha[:, None])
+        rays = make_rays(u, v, local, scene.K_inv[pick], scene.rotation[pick], scene.translation[pick],
+                         self.box_min, self.box_max)
+        return Batch(rays, FrameData(scene.meshes[pick], scene.expressions[pick]), target, alpha)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def _set_learning_rates(self) -> None:
+        factor = self.options.lr_final_ratio ** (self.step_count / self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss, photometric MSE) of one batch, with gradients."""
+        opt = self.options
+        head = HeadField(self.field, self.deformer, self.geometry, batch.frames)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = march_train(head, self.occupancy, batch.rays, opt.samples_per_ray, self.geometry.cube_side,
+                              self.generator)
+        self.samples_evaluated += out.samples
+        self.rays_traced += len(batch.rays)
+        rgb = out.rgb + (1.0 - out.opacity)[:, None] * self.background
+        loss = F.huber_loss(rgb, batch.target, delta=opt.huber_delta) / opt.huber_delta
+        loss = loss + opt.lambda_alpha * F.mse_loss(out.opacity, batch.alpha)
+        if opt.lambda_distortion > 0:
+            loss = loss + opt.lambda_distortion * distortion_loss(out.weights).mean()
+        if opt.lambda_entropy > 0:
+            loss = loss + opt.lambda_entropy * opacity_entropy(out.opacity).mean()
+        return loss, F.mse_loss(rgb.detach(), batch.target)
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One iteration; returns (loss, mse) as device tensors (no sync)."""
+        self._set_learning_rates()
+        loss, mse = self.loss(self.sample_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        self._update_ema()
+        if self.step_count % self.options.occupancy_update_every == 0:
+            self.update_occupancy(self.field, activate=self.step_count >= self.options.occupancy_warmup)
+        return loss.detach(), mse
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Bias-corrected ramp: short trainings are not dominated by the random initialisation.
+        decay = min(self.options.ema_decay, (1.0 + self.step_count) / (10.0 + self.step_count))
+        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - decay)
+
+    @torch.no_grad()
+    def update_occupancy(self, field: CanonicalField, activate: bool, decay: float | None = None,
+                         jitter: bool = True) -> None:
+        opt = self.options
+
+        def density(unit: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                return field.density(unit)[0]
+
+        self.occupancy.update(density, self.geometry.sample_spacing(opt.samples_per_ray), opt.occupancy_threshold,
+                              opt.occupancy_decay if decay is None else decay, self.generator, jitter, activate)
+
+    def finalize(self) -> None:
+        """Occupancy of the EMA weights (what renders use): two jittered passes from scratch. It only turns
+        skipping on when the training got past the warm-up; before that a render evaluates every sample."""
+        active = self.occupancy.active or self.step_count >= self.options.occupancy_warmup
+        self.update_occupancy(self.ema, activate=active, decay=0.0)
+        self.update_occupancy(self.ema, activate=active, decay=1.0)
+        self.occupancy.active = active
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def render_frame(self, index: int, field: CanonicalField | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W, 3) composited rgb in [0, 1] and (H, W) opacity of training-set frame ``index``."""
+        scene = self.scene
+        height, width = scene.images.shape[1:3]
+        pick = torch.tensor([index], device=self.device)
+        return render_image(field or self.ema, self.deformer, self.geometry, self.occupancy,
+                            FrameData(scene.meshes[pick], scene.expressions[pick]), scene.K_inv[pick],
+                            scene.rotation[pick], scene.translation[pick], (width, height), self.options,
+                            self.background, self.amp)[:2]
+
+
+@torch.no_grad()
+def render_image(field: CanonicalField, deformer: MeshDeformer, geometry: Geometry, occupancy: OccupancyGrid,
+                 frames: FrameData, K_inv: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
+                 size: tuple[int, int], options: InstaOptions, background: torch.Tensor, amp: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Render one frame (batch of size 1 in ``frames``/K_inv/rotation/translation): rgb (H, W, 3) composited over
+    ``background``, opacity (H, W), depth (H, W) (camera z, 0 where empty)."""
+    width, height = size
+    device = K_inv.device
+    tensors = geometry.tensors(device)
+    v, u = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    u, v = u.reshape(-1), v.reshape(-1)
+    zeros = torch.zeros_like(u)
+    rays = make_rays(u, v, zeros, K_inv, rotation, translation, tensors["box_min"], tensors["box_max"])
+    head = HeadField(field, deformer, geometry, frames)
+    rgb = torch.zeros(u.numel(), 3, device=device)
+    opacity = torch.zeros(u.numel(), device=device)
+    depth = torch.zeros(u.numel(), device=device)
+    hit = rays.hit.nonzero().squeeze(1)
+    for start in range(0, hit.numel(), options.render_chunk_rays):
+        idx = hit[start:start + options.render_chunk_rays]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = march_render(head, occupancy, rays.index(idx), options.samples_per_ray, geometry.cube_side,
+                               options.render_block, options.render_min_transmittance)
+        rgb[idx], opacity[idx], depth[idx] = out.rgb, out.opacity, out.depth
+    rgb = rgb + (1.0 - opacity)[:, None] * background
+    depth = torch.where(opacity > 1e-3, depth / opacity.clamp_min(1e-6), torch.zeros_like(depth))
+    return (rgb.clamp(0, 1).view(height, width, 3), opacity.clamp(0, 1).view(height, width),
+            depth.view(height, width))
+
+
+def psnr(mse: float) -> float:
+    return float(-10.0 * np.log10(max(mse, 1e-12)))
+
+
+class Stopwatch:
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.start = self.now()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.now() - self.start

@@ -1,0 +1,184 @@
+"""Segmenter ``mediapipe``: MediaPipe selfie segmentation (the person matte, model inside the wheel) cut to the
+head with the face geometry, without a face parser.
+
+Per frame: alpha = person matte x head region. The head region comes from the 468 face-mesh points in the
+image (the tracking's projected mesh when a ``mediapipe468`` tracking is given, MediaPipe's face mesh run
+here otherwise): the face oval pushed outwards, sideways for ears and hair and upwards for hair, filled and
+feathered, and cut below the jaw line with a soft band over the neck. The matte is smoothed over time with an
+exponential moving average run forwards and backwards (no lag), and the face points come from a smooth
+tracking, so masks do not flicker.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ophav_core.stages import FrameSet, MaskSet, Segmenter, Tracking
+from ophav_mediapipe.mesh import MESH_TYPE, SEMANTIC
+from ophav_mediapipe.options import MediapipeSegmenterOptions
+
+_FOREHEAD, _CHIN, _LEFT_CHEEK, _RIGHT_CHEEK = 10, 152, 454, 234
+
+
+def _lower_jaw() -> np.ndarray:
+    """Jaw-contour vertices below the mouth corners (canonical y), from one jaw angle to the other."""
+    from ophav_mediapipe.mesh import load_canonical_mesh
+
+    vertices = load_canonical_mesh()[0]
+    jaw = SEMANTIC["jaw"]
+    return jaw[vertices[jaw, 1] > vertices[SEMANTIC["mouth_left"][0], 1]]
+
+
+LOWER_JAW = _lower_jaw()
+
+
+def person_mattes(frames: np.ndarray, model_selection: int = 0) -> np.ndarray:
+    """MediaPipe selfie segmentation of every frame: float32 (N, H, W) in [0, 1]."""
+    from ophav_mediapipe.detect import _quiet_mediapipe_logs, _upscale_for_detection
+
+    _quiet_mediapipe_logs()
+    import cv2
+    from mediapipe.python.solutions.selfie_segmentation import SelfieSegmentation
+
+    n, h, w = frames.shape[:3]
+    out = np.zeros((n, h, w), np.float32)
+    with SelfieSegmentation(model_selection=model_selection) as model:
+        for i in range(n):
+            image = np.ascontiguousarray(_upscale_for_detection(frames[i], 256))
+            mask = model.process(image).segmentation_mask
+            if mask is None:
+                continue
+            if mask.shape != (h, w):
+                mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA)
+            out[i] = mask
+    return np.clip(out, 0.0, 1.0)
+
+
+def ema_zero_phase(x: np.ndarray, keep: float) -> np.ndarray:
+    """Exponential moving average over axis 0 with weight ``keep`` on the past, forwards and backwards averaged."""
+    if keep <= 0 or len(x) < 2:
+        return x
+
+    def run(seq: np.ndarray) -> np.ndarray:
+        out = np.empty_like(seq)
+        out[0] = seq[0]
+        for i in range(1, len(seq)):
+            out[i] = keep * out[i - 1] + (1 - keep) * seq[i]
+        return out
+
+    return 0.5 * (run(x) + run(x[::-1])[::-1])
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3 - 2 * x)
+
+
+def head_region(points: np.ndarray, size: tuple[int, int], options: MediapipeSegmenterOptions) -> np.ndarray:
+    """Soft head region float32 (H, W) from the 468 face-mesh points (468, 2) in pixels."""
+    import cv2
+
+    width, height = size
+    down = points[_CHIN] - points[_FOREHEAD]
+    face_h = float(np.linalg.norm(down)) or 1.0
+    down = down / face_h
+    right = np.array([down[1], -down[0]])  # image right when the face is upright
+    face_w = float(np.linalg.norm(points[_LEFT_CHEEK] - points[_RIGHT_CHEEK])) or face_h
+    oval = points[SEMANTIC["face_oval"]]
+    centre = oval.mean(0)
+    rel = oval - centre
+    a, b = rel @ right, rel @ down  # local coordinates: a to the right, b down
+    radius = np.maximum(np.hypot(a, b), 1e-6)
+    # Push the oval outwards: sideways for ears and hair everywhere, upwards for hair in the upper half.
+    grow_side = options.side_margin * face_w * np.abs(a) / radius
+    grow_up = options.hair_margin * face_h * np.clip(-b / radius, 0.0, 1.0)
+    a2 = a + np.sign(a) * grow_side
+    b2 = b - grow_up
+    # Keep the chin side as it is: the neck cut below decides there.
+    polygon = centre + a2[:, None] * right + b2[:, None] * down
+    canvas = np.zeros((height, width), np.uint8)
+    hull = cv2.convexHull(np.round(polygon * 4).astype(np.int32))
+    cv2.fillConvexPoly(canvas, hull, 255, lineType=cv2.LINE_AA, shift=2)
+    region = canvas.astype(np.float32) / 255.0
+    sigma = options.feather * face_w
+    if sigma > 0.3:
+        region = cv2.GaussianBlur(region, (0, 0), sigma)
+    return region * neck_cut(points, size, right, down, face_w, face_h, options.neck_margin)
+
+
+def neck_cut(points: np.ndarray, size: tuple[int, int], right: np.ndarray, down: np.ndarray, face_w: float,
+             face_h: float, neck_margin: float) -> np.ndarray:
+    """1 above the jaw line, falling smoothly to 0 over ``neck_margin`` face heights below it.
+
+    The cut follows the lower jaw (below the mouth, between the jaw angles) and drops straight down beside
+    them: the upper jaw rises steeply to the ears, and cutting under it would remove the cheeks' sides, the
+    ears and the hair beside the face."""
+    width, height = size
+    jaw = points[LOWER_JAW]
+    ja, jb = jaw @ right, jaw @ down
+    order = np.argsort(ja)
+    ja, jb = ja[order], jb[order]
+    chin_b = jb.max()
+    ramp = 0.05 * face_w
+    ja = np.concatenate([[ja[0] - ramp], ja, [ja[-1] + ramp]])
+    jb = np.concatenate([[chin_b + face_h], jb, [chin_b + face_h]])
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    pa = xs * right[0] + ys * right[1]
+    pb = xs * down[0] + ys * down[1]
+    cut = np.interp(pa.ravel(), ja, jb).reshape(height, width)
+    band = max(neck_margin * face_h, 1.0)
+    return 1.0 - _smoothstep((pb - cut) / band)
+
+
+def hull_region(points: np.ndarray, size: tuple[int, int], feather: float) -> np.ndarray:
+    """Soft convex hull of arbitrary projected mesh points: the head region for a tracking of another topology."""
+    import cv2
+
+    width, height = size
+    canvas = np.zeros((height, width), np.uint8)
+    hull = cv2.convexHull(np.round(points * 4).astype(np.int32))
+    cv2.fillConvexPoly(canvas, hull, 255, lineType=cv2.LINE_AA, shift=2)
+    region = canvas.astype(np.float32) / 255.0
+    sigma = feather * float(np.ptp(points[:, 0]))
+    return cv2.GaussianBlur(region, (0, 0), sigma) if sigma > 0.3 else region
+
+
+class MediapipeSegmenter(Segmenter):
+    Options = MediapipeSegmenterOptions
+    options: MediapipeSegmenterOptions
+
+    def segment(self, frames: FrameSet, tracking: Tracking | None = None) -> MaskSet:
+        o = self.options
+        mattes = person_mattes(frames.frames, o.model_selection)
+        if len(frames) > 1:
+            mattes = ema_zero_phase(mattes, o.temporal)
+        regions = self._regions(frames, tracking)
+        alpha = mattes if regions is None else mattes * regions
+        return MaskSet(np.clip(alpha, 0.0, 1.0).astype(np.float32))
+
+    def _regions(self, frames: FrameSet, tracking: Tracking | None) -> np.ndarray | None:
+        size = frames.size
+        if tracking is not None and tuple(int(s) for s in tracking.image_size) == size and len(tracking) == len(frames):
+            points = tracking.project(tracking.vertices.astype(np.float64))
+            if tracking.mesh_type == MESH_TYPE:
+                return np.stack([head_region(p, size, self.options) for p in points])
+            return np.stack([hull_region(p, size, self.options.feather) for p in points])
+        points = self._face_points(frames)
+        if points is None:
+            warnings.warn("no face found in any frame: the masks are the whole person matte", stacklevel=3)
+            return None
+        return np.stack([head_region(p, size, self.options) for p in points])
+
+    def _face_points(self, frames: FrameSet) -> np.ndarray | None:
+        """Face-mesh points (N, 468, 2) from MediaPipe, gaps filled from the neighbouring frames."""
+        from ophav_mediapipe import fit
+        from ophav_mediapipe.detect import detect_landmarks
+
+        det = detect_landmarks(frames.frames, single_image=len(frames) == 1)
+        if not det.valid.any():
+            return None
+        points = fit.fill_gaps(det.landmarks[..., :2], det.valid)
+        if len(frames) > 2:
+            points = fit.one_euro_zero_phase(points, frames.fps, min_cutoff=1.5, beta=0.05)
+        return points
