@@ -50,26 +50,27 @@ def closest_point_on_triangle(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     def safe(den: torch.Tensor) -> torch.Tensor:
         return torch.where(den.abs() > EPS, den, torch.full_like(den, EPS))
 
-    # Interior.
+    # Barycentric (v, w) of b and c; the interior answer first, then each region overrides.
     inv = 1.0 / safe(va + vb + vc)
     v, w = vb * inv, vc * inv
-    bary = torch.stack([1.0 - v - w, v, w], dim=-1)
-
-    def put(cond: torch.Tensor, value: torch.Tensor) -> None:
-        nonlocal bary
-        bary = torch.where(cond[..., None], value, bary)
-
     zero, one = torch.zeros_like(d1), torch.ones_like(d1)
     t_bc = (d4 - d3) / safe((d4 - d3) + (d5 - d6))
-    put((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), torch.stack([zero, 1 - t_bc, t_bc], -1))
+    in_bc = (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0)
+    v, w = torch.where(in_bc, 1 - t_bc, v), torch.where(in_bc, t_bc, w)
     t_ac = d2 / safe(d2 - d6)
-    put((vb <= 0) & (d2 >= 0) & (d6 <= 0), torch.stack([1 - t_ac, zero, t_ac], -1))
-    put((d6 >= 0) & (d5 <= d6), torch.stack([zero, zero, one], -1))
+    in_ac = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
+    v, w = torch.where(in_ac, zero, v), torch.where(in_ac, t_ac, w)
+    in_c = (d6 >= 0) & (d5 <= d6)
+    v, w = torch.where(in_c, zero, v), torch.where(in_c, one, w)
     t_ab = d1 / safe(d1 - d3)
-    put((vc <= 0) & (d1 >= 0) & (d3 <= 0), torch.stack([1 - t_ab, t_ab, zero], -1))
-    put((d3 >= 0) & (d4 <= d3), torch.stack([zero, one, zero], -1))
-    put((d1 <= 0) & (d2 <= 0), torch.stack([one, zero, zero], -1))
-    q = bary[..., 0:1] * a + bary[..., 1:2] * b + bary[..., 2:3] * c
+    in_ab = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
+    v, w = torch.where(in_ab, t_ab, v), torch.where(in_ab, zero, w)
+    in_b = (d3 >= 0) & (d4 <= d3)
+    v, w = torch.where(in_b, one, v), torch.where(in_b, zero, w)
+    in_a = (d1 <= 0) & (d2 <= 0)
+    v, w = torch.where(in_a, zero, v), torch.where(in_a, zero, w)
+    q = a + v[..., None] * ab + w[..., None] * ac
+    bary = torch.stack([1.0 - v - w, v, w], dim=-1)
     return q, bary
 
 

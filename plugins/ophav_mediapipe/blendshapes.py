@@ -94,7 +94,8 @@ def _mouth_open(vertices: np.ndarray) -> np.ndarray:
     # Jaw points level with the ears barely move with the hinge; keep only those below the mouth corners.
     corners_y = vertices[SEMANTIC["mouth_left"][0], 1]
     lower = lower[vertices[lower, 1] > corners_y - 0.2]
-    anchors = np.unique(np.concatenate([_UPPER_LIP_INNER, _UPPER_LIP_OUTER, _UPPER_FACE]))
+    above_nose_tip = np.nonzero(vertices[:, 1] < vertices[SEMANTIC["nose"][0], 1])[0]
+    anchors = np.unique(np.concatenate([_UPPER_LIP_INNER, _UPPER_LIP_OUTER, _UPPER_FACE, above_nose_tip]))
     handles = np.concatenate([lower, anchors])
     weight_of_handle = np.concatenate([np.ones(len(lower)), np.zeros(len(anchors))])[:, None]
     weight = _idw(vertices, handles, np.repeat(weight_of_handle, 3, axis=1), radius=3.0)[:, 0]
@@ -120,7 +121,8 @@ def _smile(vertices: np.ndarray) -> np.ndarray:
             handles.append(v)
             motion.append([0.08 * sign, -0.3, -0.1])  # cheeks bunch up and forward
     # The lip centres stay (the mouth widens around them); the upper face stays.
-    for v in (0, 13, 14, 17) + _UPPER_FACE[:8]:
+    eye_level = vertices[np.concatenate([SEMANTIC["left_eye"], SEMANTIC["right_eye"]]), 1].mean()
+    for v in (0, 13, 14, 17) + _UPPER_FACE[:8] + tuple(np.nonzero(vertices[:, 1] < eye_level)[0]):
         handles.append(v)
         motion.append([0.0, 0.0, 0.0])
     return _idw(vertices, np.asarray(handles), np.asarray(motion, np.float64), radius=1.6)
@@ -130,6 +132,8 @@ def _brows_up(vertices: np.ndarray) -> np.ndarray:
     brows = SEMANTIC["brows"]
     forehead = np.nonzero(vertices[:, 1] < vertices[brows, 1].min() - 1.5)[0]
     eyes = np.concatenate([SEMANTIC["left_eye_contour"], SEMANTIC["right_eye_contour"]])
+    below_nose = np.nonzero(vertices[:, 1] > vertices[SEMANTIC["nose"][0], 1])[0]
+    eyes = np.concatenate([eyes, below_nose])
     handles = np.concatenate([brows, forehead, eyes])
     motion = np.zeros((len(handles), 3))
     motion[: len(brows), 1] = -0.8

@@ -188,12 +188,16 @@ def target_vertices(src: SourceFace, rotation_delta: np.ndarray, offsets_local: 
     return head @ np.asarray(rotation_delta, np.float64).T + centre
 
 
-def _silhouette_targets(points2d: np.ndarray, oval: np.ndarray, ids: np.ndarray, face_width_px: float) -> np.ndarray:
-    """Where the outer field takes over from each face-oval vertex: its position, or, where the turned face
-    hides it (the far cheek), the first pixel outside the visible face along the ray from the face's centre.
+def _radial_control(points2d: np.ndarray, oval: np.ndarray, ids: np.ndarray, face_width_px: float,
+                    rings: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Where the outer field takes over from each face-oval vertex, and which head-ring points stay visible.
 
-    So the background and hair beyond the far cheek start right at the visible silhouette, instead of the
-    hidden band of face between silhouette and oval showing up a second time outside it."""
+    A face-oval vertex that the turned face hides (the far cheek) is moved out along the ray from the face's
+    centre to the first pixel outside the visible face: the background and hair beyond the far cheek then
+    start right at the visible silhouette instead of the hidden band of face showing a second time outside it.
+    A ring point is kept only when it lies further out along its ray than the points inside it (the face hides
+    it otherwise), so the control points never fold over each other. Returns the oval targets (O, 2) and, per
+    ring, a keep mask (O,)."""
     size = ids.shape[0]
     start = points2d[oval]
     centre = points2d.mean(axis=0)
@@ -205,7 +209,16 @@ def _silhouette_targets(points2d: np.ndarray, oval: np.ndarray, ids: np.ndarray,
     row = np.clip(np.rint(probe[..., 1]).astype(int), 0, size - 1)
     outside = ids[row, col] < 0
     first = np.where(outside.any(axis=1), outside.argmax(axis=1), len(steps) - 1)
-    return start + steps[first][:, None] * direction
+    targets = start + steps[first][:, None] * direction
+    margin = 0.04 * face_width_px + 1.0
+    reach = ((targets - centre) * direction).sum(axis=1)
+    keeps = []
+    for ring in rings:
+        radial = ((ring - centre) * direction).sum(axis=1)
+        keep = radial > reach + margin
+        keeps.append(keep)
+        reach = np.where(keep, radial, reach)
+    return targets, keeps
 
 
 def _outer_field(src: SourceFace, rotation_delta: np.ndarray, points2d: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -215,9 +228,12 @@ def _outer_field(src: SourceFace, rotation_delta: np.ndarray, points2d: np.ndarr
     rigid = ((src.rings.points - src.pivot) @ src.rotation.T) @ np.asarray(rotation_delta, np.float64).T + centre
     rigid2d = project(src.K, rigid)
     ring_target = src.rings2d + src.rings.follow[:, None] * (rigid2d - src.rings2d)
-    oval_target = _silhouette_targets(points2d, oval, ids, src.face_width_px)
-    targets = np.concatenate([oval_target, ring_target, src.border])
-    sources = np.concatenate([src.points2d[oval], src.rings2d, src.border])
+    count = len(oval)
+    per_ring = [ring_target[k * count:(k + 1) * count] for k in range(len(ring_target) // count)]
+    oval_target, keeps = _radial_control(points2d, oval, ids, src.face_width_px, per_ring)
+    keep = np.concatenate(keeps)
+    targets = np.concatenate([oval_target, ring_target[keep], src.border])
+    sources = np.concatenate([src.points2d[oval], src.rings2d[keep], src.border])
     return thin_plate_field(targets, sources - targets, src.size, src.settings.field_grid)
 
 

@@ -81,10 +81,19 @@ def correspond(reference: PortraitReference, vertices2d: np.ndarray, vertex_dept
     xyz = raster.interpolate(np.column_stack([reference.vertices2d, reference.vertex_depth]), faces)
     xy, z = xyz[:, :2], xyz[:, 2]
     visible = reference.front[raster.tri] & _unoccluded(reference, raster.tri, xy, z)
-    ratio = reference.area[raster.tri] / np.maximum(np.abs(signed_areas(vertices2d, faces))[raster.tri], 1e-9)
-    typical = float(np.median(ratio[visible])) if visible.any() else 1.0
-    typical = max(typical, 1e-9)
-    return Correspondence(raster, xy, visible, (ratio / typical).astype(np.float32), float(np.sqrt(typical)))
+    ratio = reference.area / np.maximum(np.abs(signed_areas(vertices2d, faces)), 1e-9)  # per triangle
+    typical = max(_weighted_median(ratio, np.bincount(raster.tri[visible], minlength=len(faces))), 1e-9)
+    return Correspondence(raster, xy, visible, (ratio[raster.tri] / typical).astype(np.float32),
+                          float(np.sqrt(typical)))
+
+
+def _weighted_median(values: np.ndarray, counts: np.ndarray) -> float:
+    """Median of ``values`` repeated ``counts`` times (the per-pixel median, computed per triangle)."""
+    if counts.sum() == 0:
+        return 1.0
+    order = np.argsort(values)
+    cumulative = np.cumsum(counts[order])
+    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2.0)])
 
 
 def _unoccluded(reference: PortraitReference, tri: np.ndarray, xy: np.ndarray, z: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ import numpy as np
 from ophav_core.stages import RestoreInput, Restorer
 from ophav_reference.correspond import Correspondence, PortraitReference, correspond
 from ophav_reference.options import ReferenceOptions
-from ophav_reference.transfer import (band_mix, consistency_weight, feathered_weight, laplacian_bands,
-                                      masked_lowpass, refine_maps)
+from ophav_reference.transfer import (band_share, collapse, consistency_weight, feathered_weight,
+                                      laplacian_pyramid, masked_lowpass, refine_maps, resize_to)
 
 _MIN_PIXELS = 16  # fewer usable face pixels than this: leave the image alone
 _SHADING_GAIN = (0.5, 2.0)  # clip of the render/portrait local brightness ratio that scales the detail
@@ -108,27 +108,28 @@ def restore_image(image: np.ndarray, alpha: np.ndarray, vertices2d: np.ndarray, 
         portrait = _warp(source, map_x, map_y, support, render)
 
     sigma = max(2.0, 0.025 * face_size)  # about the size of facial features' smallest parts
-    low_r, low_p = masked_lowpass(render, support, sigma), masked_lowpass(portrait, support, sigma)
-    coarse_r, coarse_p = masked_lowpass(render, support, 4 * sigma), masked_lowpass(portrait, support, 4 * sigma)
-    soft *= consistency_weight(low_r, low_p, coarse_r, coarse_p, support, options.consistency)
+    low, coarse = masked_lowpass(np.dstack([render, portrait]), support, [sigma, 4.0 * sigma]).images
+    small_support = resize_to(support.astype(np.float32), low.shape)
+    consistency = consistency_weight(low[..., :3], low[..., 3:], coarse[..., :3], coarse[..., 3:], small_support,
+                                     options.consistency)
+    soft *= resize_to(consistency, shape)
     weight = feathered_weight(support, soft, feather_px)
-
     # Detail as reflectance: the portrait's bands scaled by how much brighter the render is locally.
-    gain = np.clip(low_r / np.maximum(low_p, 1.0), *_SHADING_GAIN).astype(np.float32)
-    render_bands = laplacian_bands(render, options.levels)
-    portrait_bands = [b * gain for b in laplacian_bands(portrait, options.levels)]
-    mix = band_mix(render_bands, portrait_bands, support)
-    delta = np.zeros_like(render)
-    for m, r, p in zip(mix, render_bands, portrait_bands):
-        delta += m[..., None] * (p - r)
+    gain = np.clip(low[..., :3] / np.maximum(low[..., 3:], 1.0), *_SHADING_GAIN).astype(np.float32)
+
+    deltas, shares = [], []
+    for r, p in zip(laplacian_pyramid(render, options.levels), laplacian_pyramid(portrait, options.levels)):
+        p = p * resize_to(gain, r.shape)
+        share = band_share(r, p, resize_to(support.astype(np.float32), r.shape) > 0.5)
+        deltas.append(share[..., None] * (p - r))
+        level_weight = resize_to(weight, r.shape)
+        shares.append(float((share * level_weight).sum() / max(float(level_weight.sum()), 1e-9)))
+    restored = render + (options.strength * weight)[..., None] * collapse(deltas)
     out = image.copy()
-    restored = render + (options.strength * weight)[..., None] * delta
     out[crop] = np.clip(np.rint(restored), 0, 255).astype(np.uint8)
     full_weight = np.zeros((height, width), np.float32)
     full_weight[crop] = weight
-    total = max(float(weight.sum()), 1e-9)
-    used = [float((m * weight).sum()) / total for m in mix]
-    return Restored(out, full_weight, used + [0.0] * (options.levels - len(used)))
+    return Restored(out, full_weight, shares + [0.0] * (options.levels - len(shares)))
 
 
 def _facing_weight(corr: Correspondence, min_visibility: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ophav_core.errors import UsageError
 # stages before motion: importing ophav_core.motion first hits a circular import in core.
 from ophav_core.stages import FrameSet, Image2Video, Portrait  # isort: skip
 from ophav_core.motion import Motion  # isort: skip
@@ -45,7 +46,10 @@ def load_facevid2vid(path, decoder: str = "auto", model_params: dict | None = No
     """The networks of a face-vid2vid checkpoint in the public format, loaded strictly (on the CPU, eval mode)."""
     states = read_checkpoint(path, CHECKPOINT_KEYS, FACEVID2VID_VOX.filename)
     chosen = detect_decoder(states["generator"]) if decoder == "auto" else decoder
-    networks = build_facevid2vid(model_params, decoder=chosen)
+    try:
+        networks = build_facevid2vid(model_params, decoder=chosen)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UsageError(f"model_params do not describe a valid network: {exc}") from exc
     load_strict(networks.modules(), states, path, f"face-vid2vid ({chosen} decoder)")
     return networks
 

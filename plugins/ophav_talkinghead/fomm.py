@@ -28,7 +28,10 @@ CHECKPOINT_KEYS = ("generator", "kp_detector")
 def load_fomm(path, model_params: dict | None = None) -> FOMMNetworks:
     """The networks of a FOMM checkpoint in the public format, loaded strictly (on the CPU, eval mode)."""
     states = read_checkpoint(path, CHECKPOINT_KEYS, FOMM_VOX.filename)
-    networks = build_fomm(model_params)
+    try:
+        networks = build_fomm(model_params)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UsageError(f"model_params do not describe a valid network: {exc}") from exc
     load_strict(networks.modules(), states, path, "FOMM")
     return networks
 
