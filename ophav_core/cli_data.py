@@ -46,10 +46,10 @@ def preprocess(
     segmenter: Optional[str] = _component_option("segmenter"),
     tracker: Optional[str] = _component_option("tracker"),
     size: int = typer.Option(512, "--size", min=16, help="square frame size (centre crop, then resize)"),
-    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="read at most this many frames"),
     set_: List[str] = typer.Option([], "--set", help="STAGE.OPTION=VALUE for the tracker or segmenter"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Turn your own video (or image folder) into a dataset: frames, head masks, tracking, contact sheets."""
     from ophav_core.config import DEFAULT_COMPONENTS
@@ -105,12 +105,12 @@ def fit(
     dataset: Path = typer.Argument(..., help="a dataset folder made by `ophav preprocess`"),
     out: Path = typer.Option(..., "--out", "-o", help="the avatar checkpoint to write"),
     field: Optional[str] = _component_option("field"),
-    profile: str = typer.Option("standard", "--profile"),
-    iterations: Optional[int] = typer.Option(None, "--iterations", min=0),
+    profile: str = typer.Option("standard", "--profile", help="sizes the training (tiny, preview, standard, paper)"),
+    iterations: Optional[int] = typer.Option(None, "--iterations", min=0, help="training iterations (the profile's if unset)"),
     holdout: int = typer.Option(0, "--holdout", min=0, help="hold out every Nth frame (0: none)"),
     set_: List[str] = typer.Option([], "--set", help="field.OPTION=VALUE"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Train an avatar directly on a dataset (your own video)."""
     from ophav_core.config import DEFAULT_COMPONENTS
@@ -152,8 +152,8 @@ def render(
     seconds: float = typer.Option(4.0, "--seconds", min=0.2, help="length of --views / --script output"),
     field: Optional[str] = _component_option("field"),
     tracker: Optional[str] = _component_option("tracker"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """Render an avatar: driven by a video, by a motion script, or turning for novel views."""
     from ophav_core import animate, motion as motion_lib

@@ -2,20 +2,20 @@
 
 The public face-vid2vid model's 15 keypoints are unsupervised: no keypoint is "the mouth corner", and which
 index lands where differs between checkpoints. So the mapping does not use indices. It places every canonical
-keypoint in a face-normalised frame (centre = keypoint mean, unit = keypoint spread, x right, y down) and moves
-it by where it sits. The result is approximate: how faithfully a named expression appears depends on what the
-network learned near those keypoints.
+keypoint in a face-normalised frame (centre = keypoint mean; nx, ny = offsets from it divided by the keypoints'
+standard deviation along x and y; x right, y down) and moves it by where it sits. The result is approximate: how
+faithfully a named expression appears depends on what the network learned near those keypoints.
 
-Fixed mapping (intensity 1, units of the keypoint spread s; soft regions from the normalised height ny):
+Fixed mapping at intensity 1 (displacements in units of the keypoints' vertical standard deviation):
 
-===========  =====================================  ===========================================
-name         region                                 displacement
-===========  =====================================  ===========================================
-mouth_open   lower face: sigmoid((ny - 0.3)/0.15)   dy = +0.30  (jaw and lower lip drop)
-smile        lower face, signed side tanh(nx/0.5)   dx = +0.12 * side, dy = -0.08 * abs(side)
-blink        eye band: gauss(ny + 0.35, 0.2)        dy = +0.10  (upper lids close)
-brows_up     upper face: sigmoid((-ny - 0.6)/0.15)  dy = -0.15  (brows and forehead rise)
-===========  =====================================  ===========================================
+===========  ==============================================  ==========================================
+name         region weight                                   displacement
+===========  ==============================================  ==========================================
+mouth_open   lower face L = sigmoid((ny - 0.4) / 0.2)        dy = +0.30 L  (jaw and lower lip drop)
+smile        L, side S = tanh(nx / 0.6)                      dx = +0.12 S L, dy = -0.08 abs(S) L
+blink        eye band E = exp(-((ny + 0.8) / 0.25)^2 / 2)    dy = +0.10 E (1 - U) (1 - L)  (lids close)
+brows_up     upper face U = sigmoid((-ny - 1.1) / 0.15)      dy = -0.15 U  (brows and forehead rise)
+===========  ==============================================  ==========================================
 
 Displacements are in the head's own frame and rotate with the head.
 """
@@ -27,20 +27,21 @@ EXPRESSION_NAMES = ("smile", "mouth_open", "blink", "brows_up")
 
 
 def _regions(canonical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Soft region weights (B, K) and the spread (B, 1) of canonical keypoints (B, K, 3)."""
+    """Soft region weights (B, K) and the vertical spread (B, 1) of canonical keypoints (B, K, 3)."""
     xy = canonical[..., :2]
     centre = xy.mean(dim=1, keepdim=True)
-    spread = xy.std(dim=1, unbiased=False).mean(dim=-1, keepdim=True).clamp_min(1e-4)  # (B, 1)
-    normalised = (xy - centre) / spread[:, :, None]
+    spread = xy.std(dim=1, unbiased=False).clamp_min(1e-4)  # (B, 2)
+    normalised = (xy - centre) / spread[:, None, :]
     nx, ny = normalised[..., 0], normalised[..., 1]
-    lower = torch.sigmoid((ny - 0.3) / 0.15)
-    upper = torch.sigmoid((-ny - 0.6) / 0.15)
-    eyes = torch.exp(-0.5 * ((ny + 0.35) / 0.2) ** 2) * (1.0 - lower)
-    side = torch.tanh(nx / 0.5)
-    return lower, upper, eyes, side, spread
+    lower = torch.sigmoid((ny - 0.4) / 0.2)
+    upper = torch.sigmoid((-ny - 1.1) / 0.15)
+    eyes = torch.exp(-0.5 * ((ny + 0.8) / 0.25) ** 2) * (1.0 - upper) * (1.0 - lower)
+    side = torch.tanh(nx / 0.6)
+    return lower, upper, eyes, side, spread[:, 1:]
 
 
-def expression_offsets(canonical: torch.Tensor, intensities: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+def expression_offsets(canonical: torch.Tensor, intensities: dict[str, torch.Tensor],
+                       scale: float = 1.0) -> torch.Tensor:
     """Keypoint displacements (B, K, 3) for per-frame ``intensities`` (name -> (B,) in [0, 1]).
 
     canonical: (B, K, 3) or (1, K, 3) canonical keypoints of the source identity."""

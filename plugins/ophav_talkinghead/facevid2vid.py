@@ -6,6 +6,12 @@ source. Frame i uses the source's angles plus the motion's (relative) angles, th
 expression, and the named expressions as keypoint offsets (see :mod:`ophav_talkinghead.expressions`; approximate,
 because the public model's keypoints are unsupervised). Dense expression offsets from a tracked driver
 (``motion.offsets``) are not used by this component.
+
+Angles: the head-pose estimator was trained on Hopenet labels (yaw > 0 turns the face to image left, pitch > 0
+looks up, roll > 0 is clockwise); ``pose_signs`` maps ophav's convention onto them (yaw flipped). The
+reimplementation recommends staying within about +-45 (yaw), +-20 (pitch) and +-20 (roll) degrees of frontal.
+``FrameSet.driving`` gets the motion's arrays plus ``model_yaw/pitch/roll`` (the absolute angles used, degrees)
+and ``keypoints`` (N, K, 3).
 """
 from __future__ import annotations
 
@@ -94,7 +100,9 @@ class FaceVid2Vid(Image2Video):
         relative = relative * np.asarray(self.options.pose_signs, np.float32)
         return source.angles[None, :] + torch.from_numpy(relative).to(source.angles)
 
-    def driving_keypoints(self, source: SourceState, motion: Motion, frames: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def driving_keypoints(self, source: SourceState, motion: Motion,
+                          frames: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, 3) driving keypoints of ``frames`` and their (B, 3) model angles."""
         angles = self.frame_angles(source, motion, frames)
         b = angles.shape[0]
         levels = {name: torch.from_numpy(motion.expressions[name][frames]) for name in EXPRESSION_NAMES

@@ -110,7 +110,8 @@ class DenseMotionNetwork(nn.Module):
         identity = grid[None, None].expand(b, 1, *grid.shape)
         return torch.cat([identity, to_source], dim=1)
 
-    def forward(self, small_source: torch.Tensor, kp_driving: Keypoints, kp_source: Keypoints) -> dict[str, torch.Tensor]:
+    def forward(self, small_source: torch.Tensor, kp_driving: Keypoints,
+                kp_source: Keypoints) -> dict[str, torch.Tensor]:
         """``small_source``: the source already passed through :meth:`downsample` (cached across frames)."""
         b, c, h, w = small_source.shape
         k1 = self.num_kp + 1

@@ -191,7 +191,8 @@ class DenseMotionNetwork(nn.Module):
                           if estimate_occlusion_map else None)
         self.num_kp = num_kp
 
-    def forward(self, feature: torch.Tensor, kp_driving: torch.Tensor, kp_source: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, feature: torch.Tensor, kp_driving: torch.Tensor,
+                kp_source: torch.Tensor) -> dict[str, torch.Tensor]:
         feature = F.relu(self.norm(self.compress(feature)))
         b, c, d, h, w = feature.shape
         k1 = self.num_kp + 1

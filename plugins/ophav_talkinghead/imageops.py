@@ -9,7 +9,8 @@ NETWORK_SIZE = 256  # both public models were trained on 256x256 VoxCeleb crops
 
 
 def square_region(height: int, width: int, crop: str = "center",
-                  face_box: tuple[float, float, float, float] | None = None, margin: float = 0.4) -> tuple[int, int, int]:
+                  face_box: tuple[float, float, float, float] | None = None,
+                  margin: float = 0.4) -> tuple[int, int, int]:
     """(x0, y0, side) of the square to cut from an image; it may reach outside the image (padded later)."""
     if face_box is not None:
         x0, y0, x1, y1 = face_box

@@ -60,7 +60,8 @@ def spatial_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 class SameBlock2d(nn.Module):
     """conv -> BN -> ReLU (LeakyReLU where ``lrelu``), same resolution."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, padding: int = 1, lrelu: bool = False):
+    def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, padding: int = 1,
+                 lrelu: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_features, out_features, kernel_size=kernel_size, padding=padding)
         self.norm = nn.BatchNorm2d(out_features, affine=True)
@@ -234,7 +235,8 @@ class Hourglass(nn.Module):
         super().__init__()
         down, up = (DownBlock2d, UpBlock2d) if dims == 2 else (DownBlock3d, UpBlock3d)
         self.encoder = HourglassEncoder(down, block_expansion, in_features, num_blocks, max_features)
-        self.decoder = HourglassDecoder(up, block_expansion, in_features, num_blocks, max_features, final_conv=dims == 3)
+        self.decoder = HourglassDecoder(up, block_expansion, in_features, num_blocks, max_features,
+                                        final_conv=dims == 3)
         self.out_filters = self.decoder.out_filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

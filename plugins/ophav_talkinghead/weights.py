@@ -8,13 +8,14 @@ from ophav_core.weights import WeightFile
 FOMM_VOX = WeightFile(
     name="fomm-vox-256",
     filename="vox-cpk.pth.tar",
-    url="https://drive.google.com/open?id=1PyQJmkdCsAkOYwUyaj_l-l0as-iLDgeH (or https://yadi.sk/d/lEw8uRm140L_eQ)",
+    url="https://drive.google.com/open?id=1PyQJmkdCsAkOYwUyaj_l-l0as-iLDgeH",
     license="CC BY-NC 4.0",
     restricted=True,
     needed_by="image2video fomm",
     description="First Order Motion Model, VoxCeleb 256x256 (config vox-256.yaml: 10 keypoints with Jacobians); "
-                "from the README of AliaksandrSiarohin/first-order-model. Released with the repository under "
-                "CC BY-NC 4.0 (non-commercial); trained on VoxCeleb.",
+                "from the README of AliaksandrSiarohin/first-order-model (a folder link; also on Yandex Disk: "
+                "https://yadi.sk/d/lEw8uRm140L_eQ). Released with the repository under CC BY-NC 4.0 "
+                "(non-commercial); trained on VoxCeleb.",
     verify="ophav_talkinghead.weights:verify_fomm",
 )
 
@@ -22,32 +23,26 @@ FACEVID2VID_VOX = WeightFile(
     name="facevid2vid-vox-256",
     filename="00000189-checkpoint.pth.tar",
     url="https://www.mediafire.com/folder/fcvtkn21j57bb/TalkingHead_Update",
-    license="unspecified (no licence in zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis; "
-            "trained on VoxCeleb: research use only)",
+    license="unspecified (research use only)",
     restricted=True,
     needed_by="image2video facevid2vid",
     description="face-vid2vid reimplementation 'Vox-256-New' (vox-256-spade.yaml: 15 3D keypoints, 66-bin head "
                 "pose, SPADE decoder), from the README of zhanglonghao1992/"
-                "One-Shot_Free-View_Neural_Talking_Head_Synthesis.",
+                "One-Shot_Free-View_Neural_Talking_Head_Synthesis (a MediaFire folder link). The repository "
+                "states no licence and the model is trained on VoxCeleb: treat it as research use only.",
     verify="ophav_talkinghead.weights:verify_facevid2vid",
 )
 
 
 def verify_fomm(path: Path) -> None:
-    """Raise unless ``path`` loads strictly into the vox-256 FOMM networks."""
-    from ophav_talkinghead.checkpoints import load_strict, read_checkpoint
-    from ophav_talkinghead.fomm_net import build_fomm
+    """Raise unless ``path`` loads strictly into the vox-256 FOMM networks (the component's own loader)."""
+    from ophav_talkinghead.fomm import load_fomm
 
-    networks = build_fomm()
-    states = read_checkpoint(path, tuple(networks.modules()), FOMM_VOX.filename)
-    load_strict(networks.modules(), states, path, "FOMM vox-256")
+    load_fomm(path)
 
 
 def verify_facevid2vid(path: Path) -> None:
     """Raise unless ``path`` loads strictly into the vox-256 face-vid2vid networks (either decoder)."""
-    from ophav_talkinghead.checkpoints import load_strict, read_checkpoint
-    from ophav_talkinghead.fv2v_net import build_facevid2vid, detect_decoder
+    from ophav_talkinghead.facevid2vid import load_facevid2vid
 
-    states = read_checkpoint(path, ("generator", "kp_detector", "he_estimator"), FACEVID2VID_VOX.filename)
-    networks = build_facevid2vid(decoder=detect_decoder(states["generator"]))
-    load_strict(networks.modules(), states, path, "face-vid2vid vox-256")
+    load_facevid2vid(path)
