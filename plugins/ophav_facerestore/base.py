@@ -67,7 +67,7 @@ class FaceRestorer(Restorer):
         with self.context.progress(len(faces), f"restore faces ({self.name})") as bar:
             for start in range(0, len(faces), step):
                 chunk = np.ascontiguousarray(faces[start:start + step])
-                x = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                x = torch.from_numpy(chunk).to(self.device).permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
                 with torch.inference_mode(), self._autocast(), self._seeded_noise():
                     y = self.forward(net, x)
                 y = torch.nan_to_num(y.float(), nan=0.0).clamp(-1.0, 1.0)

@@ -40,7 +40,12 @@ def read_checkpoint(path: Path, weight: WeightFile) -> Any:
                              f"that are not tensors and was not loaded ({reason}). {fix_hint(weight)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
         raise WeightsInvalid(f"{path} cannot be read as {weight.filename} (truncated or not a PyTorch file: "
-                             f"{type(exc).__name__}: {str(exc).strip()[:200]}). {fix_hint(weight)}") from None
+                             f"{type(exc).__name__}: {_first_sentence(exc)}). {fix_hint(weight)}") from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text.split(". ")[0][:160]
 
 
 def describe(obj: Any) -> str:

@@ -46,19 +46,23 @@ def _import(module: str, package: str):
                          f"or pip install 'ophav[facerestore]'") from exc
 
 
-def gfpgan_clean_arch():
-    """``gfpgan.archs.gfpganv1_clean_arch`` (the module holding ``GFPGANv1Clean``)."""
-    ensure_torchvision_functional_tensor()
-    return _import("gfpgan.archs.gfpganv1_clean_arch", "gfpgan")
-
-
-def codeformer_arch():
-    """``codeformer.basicsr.archs.codeformer_arch`` (holding ``CodeFormer``); never ``codeformer.app``."""
+def _quiet_import(module: str, package: str):
     import warnings
 
     ensure_torchvision_functional_tensor()
     with warnings.catch_warnings():
-        # vqgan_arch decorates a helper with torch.jit.script, deprecated in current torch: harmless here.
+        # basicsr imports scipy.ndimage.filters and codeformer's vqgan_arch uses torch.jit.script: both
+        # deprecated upstream, harmless here, and not the user's business.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _import("codeformer.basicsr.archs.codeformer_arch", "codeformer-pip")
+        return _import(module, package)
+
+
+def gfpgan_clean_arch():
+    """``gfpgan.archs.gfpganv1_clean_arch`` (the module holding ``GFPGANv1Clean``)."""
+    return _quiet_import("gfpgan.archs.gfpganv1_clean_arch", "gfpgan")
+
+
+def codeformer_arch():
+    """``codeformer.basicsr.archs.codeformer_arch`` (holding ``CodeFormer``); never ``codeformer.app``."""
+    return _quiet_import("codeformer.basicsr.archs.codeformer_arch", "codeformer-pip")

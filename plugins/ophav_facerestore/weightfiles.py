@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ophav_core.weights import WeightFile
 
-_GFPGAN_TERMS = ("Apache-2.0 (GFPGAN code and released models, per the GFPGAN README; the release publishes no "
-                 "separate weights licence)")
+_GFPGAN_TERMS = "Apache-2.0 (GFPGAN's licence; the release states no separate terms for the weights)"
 
 GFPGAN_V13 = WeightFile(
     name="gfpgan-v1.3", filename="GFPGANv1.3.pth",
