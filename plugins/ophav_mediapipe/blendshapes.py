@@ -72,7 +72,7 @@ def _blink(vertices: np.ndarray) -> np.ndarray:
             motion.append([0.0, meet_y - vertices[v, 1], meet_z - vertices[v, 2]])
         for v in lower:
             handles.append(v)
-            motion.append([0.0, -0.2 * 0.5, 0.0])  # the lower lid rises a little
+            motion.append([0.0, -0.1, 0.0])  # the lower lid rises a millimetre
         corners = np.setdiff1d(contour, np.concatenate([upper, lower]))
         handles += list(corners)
         motion += [[0.0, 0.0, 0.0]] * len(corners)
@@ -111,15 +111,15 @@ def _smile(vertices: np.ndarray) -> np.ndarray:
     handles, motion = [], []
     for corner, sign in ((SEMANTIC["mouth_left"][0], 1.0), (SEMANTIC["mouth_right"][0], -1.0)):
         handles.append(corner)
-        motion.append([0.45 * sign, -0.55, 0.35])  # out, up, back (the corners pull towards the ears)
+        motion.append([0.7 * sign, -0.85, 0.5])  # out, up, back (the corners pull towards the ears)
     inner_corners = ((308, 1.0), (78, -1.0))
     for corner, sign in inner_corners:
         handles.append(corner)
-        motion.append([0.4 * sign, -0.5, 0.3])
+        motion.append([0.65 * sign, -0.8, 0.45])
     for group, sign in zip(_CHEEKS, (-1.0, 1.0)):
         for v in group:
             handles.append(v)
-            motion.append([0.08 * sign, -0.3, -0.1])  # cheeks bunch up and forward
+            motion.append([0.12 * sign, -0.45, -0.15])  # cheeks bunch up and forward
     # The lip centres stay (the mouth widens around them); the upper face stays.
     eye_level = vertices[np.concatenate([SEMANTIC["left_eye"], SEMANTIC["right_eye"]]), 1].mean()
     for v in (0, 13, 14, 17) + _UPPER_FACE[:8] + tuple(np.nonzero(vertices[:, 1] < eye_level)[0]):

@@ -107,26 +107,27 @@ def pca_components(residuals: np.ndarray, count: int, exclude: np.ndarray) -> np
     return Vt[keep][:count] * std[:, None]
 
 
-def mesh_harmonics(vertices: np.ndarray, faces: np.ndarray, count: int, mobility: np.ndarray) -> np.ndarray:
-    """``count`` smooth, person-independent displacement fields (count, V*3): the lowest non-constant
-    eigenvectors of the mesh's graph Laplacian, one per axis, scaled by a per-vertex mobility (how much the
-    region moves with expression). Used to fill the expression basis when there are no frames to learn from."""
-    n = len(vertices)
-    A = np.zeros((n, n))
+def graph_laplacian(faces: np.ndarray, num_vertices: int) -> np.ndarray:
+    """Dense combinatorial Laplacian (V, V) of the mesh's edge graph (the face mesh is small: 468 vertices)."""
+    A = np.zeros((num_vertices, num_vertices))
     for a, b in ((0, 1), (1, 2), (2, 0)):
         A[faces[:, a], faces[:, b]] = 1.0
         A[faces[:, b], faces[:, a]] = 1.0
-    L = np.diag(A.sum(1)) - A
-    _, vecs = np.linalg.eigh(L)
-    fields = []
-    k = 1
-    while len(fields) < count and k < n:
-        for axis in range(3):
-            field = np.zeros((n, 3))
-            field[:, axis] = vecs[:, k] * mobility
-            fields.append(field.reshape(-1))
-        k += 1
-    return np.asarray(fields[:count])
+    return np.diag(A.sum(1)) - A
+
+
+def region_modes(laplacian: np.ndarray, region: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` smoothest scalar fields (count, V) that live on ``region`` (bool (V,)) and vanish outside
+    it: the lowest Dirichlet eigenvectors of the Laplacian restricted to the region. They are local, smooth
+    deformation patterns (a bump, a left/right tilt, an up/down split...) that fade to zero at the border.
+    Across a hole of the mesh (the mouth, the eyes) neighbouring vertices are far apart on the graph, so the
+    modes can move the lips or lids apart."""
+    idx = np.nonzero(region)[0]
+    _, vecs = np.linalg.eigh(laplacian[np.ix_(idx, idx)])
+    out = np.zeros((count, len(region)))
+    k = min(count, len(idx))
+    out[:k, idx] = vecs[:, :k].T
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- time

@@ -1,6 +1,8 @@
 """Options of the MediaPipe tracker and segmenter (light module: no mediapipe, cv2 or scipy import)."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -25,9 +27,10 @@ class MediapipeTrackerOptions(BaseModel):
     min_detection_size: int = Field(256, ge=64, le=2048, description=(
         "frames whose larger side is smaller are upscaled to this size before detection (MediaPipe misses small "
         "faces)"))
-    identity_prior: float = Field(0.1, ge=0.0, le=1.0, description=(
-        "weight of MediaPipe's metric canonical mesh in the person's neutral shape (0 = only the tracked frames); "
-        "keeps a short or noisy video from producing a distorted neutral mesh"))
+    reference_expression: Literal["relative", "absolute"] = Field("relative", description=(
+        "with reference=: 'relative' measures expressions from this video's own neutral face (rescaled to the "
+        "reference's face width), so another person's face shape does not leak into the reference's mesh (for "
+        "driving videos); 'absolute' measures them from the reference's neutral mesh (the same person again)"))
 
 
 class MediapipeSegmenterOptions(BaseModel):

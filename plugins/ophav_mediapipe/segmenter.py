@@ -75,10 +75,21 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
-def head_region(points: np.ndarray, size: tuple[int, int], options: MediapipeSegmenterOptions) -> np.ndarray:
-    """Soft head region float32 (H, W) from the 468 face-mesh points (468, 2) in pixels."""
+def head_region(points: np.ndarray, size: tuple[int, int], options: MediapipeSegmenterOptions,
+                work_size: int = 160) -> np.ndarray:
+    """Soft head region float32 (H, W) from the 468 face-mesh points (468, 2) in pixels.
+
+    The region is smooth (feathered edges, a soft neck band), so it is built at ``work_size`` pixels on the
+    longer side and upsampled: about 10x faster than at 512x512 with no visible difference."""
     import cv2
 
+    full_w, full_h = size
+    scale = min(1.0, work_size / max(full_w, full_h))
+    if scale < 1.0:
+        small = (max(1, round(full_w * scale)), max(1, round(full_h * scale)))
+        sx, sy = small[0] / full_w, small[1] / full_h
+        region = head_region((points + 0.5) * np.array([sx, sy]) - 0.5, small, options, work_size)
+        return cv2.resize(region, (full_w, full_h), interpolation=cv2.INTER_LINEAR)
     width, height = size
     down = points[_CHIN] - points[_FOREHEAD]
     face_h = float(np.linalg.norm(down)) or 1.0

@@ -11,15 +11,14 @@ Pipeline per call (numpy over all frames, one cv2.solvePnP per frame):
    then cv2.solvePnP (iterative, from that guess) of the 2D landmarks against the shape, twice: first the
    canonical prior, then the person's own neutral shape.
 4. Landmarks are lifted onto their pixel rays (depth from the pose plus MediaPipe's relative depth) and
-   brought to head space by the inverse pose. The person's neutral shape is their mean over the tracked
-   frames (video) or the portrait's shape (single image).
-5. Expression: the head-space residual, least-squares projected onto the expression basis, whose first four
-   components are the named expressions (smile, mouth_open, blink, brows_up, intensity 1, scaled to the
-   face), followed by the principal components of the video's residuals orthogonal to them (unit variance),
-   or, when there are too few frames (a portrait), smooth mesh-harmonic displacement fields. With
-   ``reference=`` the reference's canonical mesh and basis are kept, and the residual is taken relative to
-   this video's own neutral shape and rescaled to the reference's face width (the driver's face shape does
-   not leak into the avatar).
+   brought to head space by the inverse pose. The person's neutral shape (``canonical_vertices``) is the
+   median over the frames with the most relaxed mouth (video) or the portrait's own shape (single image),
+   its head frame anchored on the metric prior's rigid points.
+5. Expression: the head-space residual, least-squares projected onto the expression basis
+   (:mod:`ophav_mediapipe.basis`: the four named expressions first, at intensity 1, then the video's principal
+   components or generic local modes). With ``reference=`` the reference's canonical mesh and basis are kept;
+   by default the residual is measured from this video's own neutral face and rescaled to the reference's
+   face width, so the driver's face shape does not leak into the avatar.
 6. Video only: a zero-phase One-Euro filter on rotation vectors, translations and coefficients; short gaps
    without a face are interpolated (``valid`` False), then every mesh is rebuilt as R (canonical + basis .
    expression) + t, so the contract holds exactly.
@@ -28,7 +27,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,9 +35,16 @@ from ophav_core.errors import InvalidData, NoFaceFound
 from ophav_core.motion import Motion
 from ophav_core.stages import FrameSet, Tracker, Tracking
 from ophav_mediapipe import fit
-from ophav_mediapipe.blendshapes import NAMES, named_offsets
+from ophav_mediapipe.basis import build_basis, project_onto_basis
+from ophav_mediapipe.blendshapes import named_offsets
 from ophav_mediapipe.mesh import MESH_TYPE, SEMANTIC, face_width, load_canonical_mesh, rigid_indices, rigid_weights
 from ophav_mediapipe.options import MediapipeTrackerOptions
+
+
+# One-Euro filter settings at smooth = 1: (min_cutoff in Hz, beta in Hz per unit/s). Units: rotation vectors in
+# radians, translations in cm, expression coefficients. A still head gets the min_cutoff (strong smoothing of
+# MediaPipe's jitter); a head turning at 1 rad/s gets a ~2.7 Hz cutoff, talking lips ~3 Hz.
+_FILTERS = {"rotation": (0.7, 2.0), "translation": (0.7, 0.2), "expression": (1.0, 0.2)}
 
 
 @dataclass
@@ -51,48 +57,28 @@ class Timings:
     smooth: float = 0.0
     total: float = 0.0
     frames: int = 0
-    parts: dict[str, float] = field(default_factory=dict)
 
 
-def _mobility(vertices: np.ndarray) -> np.ndarray:
-    """How much each vertex moves with expression (1 near mouth, eyes and brows, falling to 0.2 elsewhere)."""
-    expressive = np.concatenate([SEMANTIC[k] for k in ("lips_outer", "left_eye_contour", "right_eye_contour", "brows")]
-                                + [SEMANTIC["jaw"][4:-4]])
-    d = np.linalg.norm(vertices[:, None] - vertices[expressive][None], axis=-1).min(1)
-    return 0.2 + 0.8 * np.exp(-(d / 2.5) ** 2)
+def neutral_shape(shapes: np.ndarray, fraction: float = 0.3) -> np.ndarray:
+    """The person's neutral face from head-space shapes (N, V, 3): the per-vertex median over the frames with
+    the most relaxed mouth (narrowest and most closed, the ``fraction`` lowest by a robust z-score).
 
+    A plain median over a video where the person smiles half the time would be half a smile, and every neutral
+    frame would then read as a negative smile. Blinks and short expressions are removed by the median."""
+    if len(shapes) < 5:
+        return np.median(shapes, axis=0)
+    width = face_width(shapes)
+    left, right = SEMANTIC["mouth_left"][0], SEMANTIC["mouth_right"][0]
+    mouth_width = np.linalg.norm(shapes[:, left] - shapes[:, right], axis=-1) / width
+    lip_gap = np.linalg.norm(shapes[:, 14] - shapes[:, 13], axis=-1) / width  # inner lip centres
 
-def build_basis(canonical: np.ndarray, faces: np.ndarray, residuals: np.ndarray, count: int) -> np.ndarray:
-    """Expression basis (count, V, 3) for a person with neutral mesh ``canonical`` (V, 3).
+    def robust_z(x: np.ndarray) -> np.ndarray:
+        mad = np.median(np.abs(x - np.median(x)))
+        return (x - np.median(x)) / (1.4826 * mad + 1e-3)
 
-    Rows 0-3: the named expressions at intensity 1 scaled to this face's width. Then principal components of
-    ``residuals`` (N, V, 3) orthogonal to them, then mesh harmonics if more are needed."""
-    prior = load_canonical_mesh()[0]
-    scale = face_width(canonical) / face_width(prior)
-    named = np.stack([named_offsets()[k] for k in NAMES]).reshape(len(NAMES), -1).astype(np.float64) * scale
-    rows = [named]
-    pca = fit.pca_components(residuals.reshape(len(residuals), -1), count - len(named), named)
-    # Components below noise level (a residual std under 0.2 mm) are no use; harmonics replace them.
-    pca = pca[np.linalg.norm(pca.reshape(len(pca), -1, 3), axis=-1).max(axis=1) > 0.02 * scale] if len(pca) else pca
-    rows.append(pca)
-    missing = count - len(named) - len(pca)
-    if missing > 0:
-        harmonics = fit.mesh_harmonics(canonical, faces, missing + 8, _mobility(canonical))
-        harmonics = fit.orthogonal_complement(harmonics, np.concatenate(rows))
-        Q, _ = np.linalg.qr(harmonics.T)
-        harmonics = Q.T[:missing]
-        # A unit coefficient moves the most mobile vertex by 3% of the face width.
-        peak = np.linalg.norm(harmonics.reshape(len(harmonics), -1, 3), axis=-1).max(axis=1)
-        rows.append(harmonics * (0.03 * face_width(canonical) / np.maximum(peak, 1e-9))[:, None])
-    basis = np.concatenate(rows)[:count]
-    return basis.reshape(count, -1, 3).astype(np.float32)
-
-
-def project_onto_basis(offsets: np.ndarray, basis: np.ndarray) -> np.ndarray:
-    """Least-squares coefficients (N, E) of head-space offsets (N, V, 3) in ``basis`` (E, V, 3)."""
-    B = basis.reshape(len(basis), -1).astype(np.float64)
-    coeffs, *_ = np.linalg.lstsq(B.T, offsets.reshape(len(offsets), -1).T.astype(np.float64), rcond=None)
-    return coeffs.T
+    score = robust_z(mouth_width) + robust_z(lip_gap)
+    relaxed = score <= np.quantile(score, fraction)
+    return np.median(shapes[relaxed], axis=0)
 
 
 def _rotvec(R: np.ndarray) -> np.ndarray:
@@ -149,18 +135,21 @@ class MediapipeTracker(Tracker):
         _, faces, _ = load_canonical_mesh()
         if reference is None:
             canonical = identity
-            basis = build_basis(canonical, faces, shapes - canonical, o.num_expressions)
+            basis = build_basis(canonical, shapes - canonical, o.num_expressions)
             residual = shapes - canonical
         else:
             canonical = reference.canonical_vertices.astype(np.float64)
             basis = reference.expression_basis
-            residual = (shapes - identity) * (face_width(canonical) / face_width(identity))
+            if o.reference_expression == "relative":
+                residual = (shapes - identity) * (face_width(canonical) / face_width(identity))
+            else:
+                residual = shapes - canonical
         expression = project_onto_basis(residual, basis)
         timings.expression = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if video and o.smooth > 0:
-            expression = fit.one_euro_zero_phase(expression, frames.fps, min_cutoff=2.0 / o.smooth, beta=0.3 / o.smooth)
+            expression = self._filter(expression, frames.fps, "expression")
         R, t, expression = self._fill(R, t, expression, valid)
         timings.smooth = time.perf_counter() - t0
 
@@ -198,6 +187,11 @@ class MediapipeTracker(Tracker):
             raise NoFaceFound(f"no face found in {name}; use a photo where the face is visible and roughly frontal")
         if not valid.any():
             raise NoFaceFound(f"no face found in any of the {count} frames of {name}")
+        if not single_image and not valid.all():
+            missing = np.nonzero(~valid)[0]
+            listed = ", ".join(f"#{i}" for i in missing[:12]) + (" ..." if len(missing) > 12 else "")
+            warnings.warn(f"{name}: no face in {len(missing)} of {count} frames ({listed}); their pose and expression "
+                          f"are interpolated from the neighbouring frames and marked valid=False", stacklevel=3)
         if crowded:
             where = "the portrait" if single_image else f"{len(crowded)} frame(s) (first #{crowded[0]})"
             warnings.warn(f"{name}: more than one face in {where}; tracking the largest", stacklevel=3)
@@ -219,32 +213,29 @@ class MediapipeTracker(Tracker):
         R, t = fit.weak_perspective_pose(landmarks, prior, weights, K)
         R, t = fit.refine_pnp(landmarks[..., :2], prior, R, t, K, index)
         shapes = fit.to_canonical(fit.lift_to_camera(landmarks, R, t, prior, weights, K), R, t)
-        identity = self._identity(shapes, prior)
+        identity = neutral_shape(shapes)
         R, t = fit.refine_pnp(landmarks[..., :2], identity, R, t, K, index)
         shapes = fit.to_canonical(fit.lift_to_camera(landmarks, R, t, identity, weights, K), R, t)
         # Re-anchor the head frame on the prior's rigid points (the neutral shape may have drifted a little);
         # shapes and poses move with it so X_cam is unchanged.
-        median = np.median(shapes, axis=0)
-        _, Ra, b = fit.weighted_similarity(prior, median[None], weights)
+        neutral = neutral_shape(shapes)
+        _, Ra, b = fit.weighted_similarity(prior, neutral[None], weights)
         Ra, b = Ra[0], b[0]
         shapes = (shapes - b) @ Ra
         t = t + np.einsum("nij,j->ni", R, b)
         R = R @ Ra
-        return R, t, shapes, (median - b) @ Ra
-
-    @staticmethod
-    def _identity(shapes: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """The person's neutral shape: the per-vertex median over frames (robust to a few bad frames and to
-        expressions held for part of the video)."""
-        return np.median(shapes, axis=0)
+        return R, t, shapes, (neutral - b) @ Ra
 
     def _smooth_pose(self, R: np.ndarray, t: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
-        s = self.options.smooth
         mean = _matrix(_rotvec(R).mean(0, keepdims=True))[0]
         rel = _rotvec(np.einsum("ij,njk->nik", mean.T, R))  # small angles around the mean: no wrap-around
-        rel = fit.one_euro_zero_phase(rel, fps, min_cutoff=1.5 / s, beta=6.0 / s)
-        t = fit.one_euro_zero_phase(t, fps, min_cutoff=1.5 / s, beta=0.7 / s)
-        return mean[None] @ _matrix(rel), t
+        rel = self._filter(rel, fps, "rotation")
+        return mean[None] @ _matrix(rel), self._filter(t, fps, "translation")
+
+    def _filter(self, values: np.ndarray, fps: float, what: str) -> np.ndarray:
+        min_cutoff, beta = _FILTERS[what]
+        s = self.options.smooth
+        return fit.one_euro_zero_phase(values, fps, min_cutoff=min_cutoff / s, beta=beta / s)
 
     def _fill(self, R: np.ndarray, t: np.ndarray, expression: np.ndarray, valid: np.ndarray):
         """Values for every frame: tracked frames as they are, gaps interpolated (long gaps hold the pose)."""
