@@ -28,8 +28,12 @@ class ReferenceOptions(BaseModel):
                                               "in the render) that still takes detail; full weight from twice this")
     refine: bool = Field(True, description="refine the mesh correspondence with optical flow (DIS) so that detail "
                                            "lands on the render's edges despite small tracking errors")
-    max_shift: float = Field(0.03, ge=0.0, le=0.2,
+    max_shift: float = Field(0.08, ge=0.0, le=0.3,
                              description="largest optical-flow correction, as a fraction of the face size")
+    alignment_check: bool = Field(True, description="lower the weight where the warped portrait's structures "
+                                                    "(2-6 px band) do not line up with the render's (local "
+                                                    "correlation), so a residual tracking error gives no double "
+                                                    "edges")
     workers: int | None = Field(None, ge=1, le=64,
                                 description="threads restoring images in parallel; None = the number of CPU cores "
                                             "(at most 8)")

@@ -20,7 +20,7 @@ import numpy as np
 from ophav_core.stages import RestoreInput, Restorer
 from ophav_reference.correspond import Correspondence, PortraitReference, correspond
 from ophav_reference.options import ReferenceOptions
-from ophav_reference.transfer import (band_share, collapse, consistency_weight, feathered_weight,
+from ophav_reference.transfer import (alignment_weight, band_share, collapse, consistency_weight, feathered_weight,
                                       laplacian_pyramid, masked_lowpass, refine_maps, resize_to)
 
 _MIN_PIXELS = 16  # fewer usable face pixels than this: leave the image alone
@@ -75,22 +75,53 @@ def restore_image(image: np.ndarray, alpha: np.ndarray, vertices2d: np.ndarray, 
                   reference: PortraitReference, options: ReferenceOptions) -> Restored:
     """Bring the portrait's detail into one render (uint8 (H, W, 3))."""
     height, width = image.shape[:2]
-    unchanged = Restored(image.copy(), np.zeros((height, width), np.float32), [0.0] * options.levels)
     corr = correspond(reference, vertices2d, vertex_depth, (height, width))
-    facing = _facing_weight(corr, options.min_visibility)
+    plan = _plan(corr, alpha, reference, options)
+    if plan is None or options.strength == 0:
+        return Restored(image.copy(), np.zeros((height, width), np.float32), [0.0] * options.levels)
+    render = image[plan.crop].astype(np.float32)
+    if options.refine:
+        plan.map_x, plan.map_y = refine_maps(render, plan.source, plan.map_x, plan.map_y, plan.support,
+                                             options.max_shift * plan.face_size)
+    portrait = _warp(plan.source, plan.map_x, plan.map_y, plan.support, render)
+    weight, gain = _weight_and_gain(render, portrait, plan, options)
+    delta, shares = _missing_detail(render, portrait, gain, weight, plan.support, options.levels)
+    out = image.copy()
+    out[plan.crop] = np.clip(np.rint(render + (options.strength * weight)[..., None] * delta), 0, 255).astype(np.uint8)
+    full_weight = np.zeros((height, width), np.float32)
+    full_weight[plan.crop] = weight
+    return Restored(out, full_weight, shares + [0.0] * (options.levels - len(shares)))
+
+
+@dataclass
+class _Plan:
+    """Where one render takes detail from: a crop around the usable face pixels, within it the support (pixels
+    with a visible, not too foreshortened portrait counterpart), the sampling maps into the chosen portrait
+    pyramid level, and the foreshortening weight."""
+
+    crop: tuple[slice, slice]
+    support: np.ndarray
+    map_x: np.ndarray
+    map_y: np.ndarray
+    facing: np.ndarray
+    source: np.ndarray
+    face_size: float
+    feather_px: float
+
+
+def _plan(corr: Correspondence, alpha: np.ndarray, reference: PortraitReference,
+          options: ReferenceOptions) -> _Plan | None:
     raster = corr.raster
+    facing = _facing_weight(corr, options.min_visibility)
     usable = corr.visible & (facing > 0) & (alpha[raster.ys, raster.xs] > 0.5)
-    if options.strength == 0 or usable.sum() < _MIN_PIXELS:
-        return unchanged
+    if usable.sum() < _MIN_PIXELS:
+        return None
     face_size = float(np.sqrt(raster.mask.sum()))
     feather_px = options.feather * face_size
-    y0, y1, x0, x1 = _crop(raster.ys[usable], raster.xs[usable], (height, width),
-                           pad=int(2 ** (options.levels + 1) + feather_px + 4))
-    crop = np.s_[y0:y1, x0:x1]
+    pad = int(2 ** (options.levels + 1) + feather_px + 4)  # filters near the crop's edge never reach the support
+    y0, y1, x0, x1 = _crop(raster.ys[usable], raster.xs[usable], alpha.shape, pad)
     shape = (y1 - y0, x1 - x0)
-
     level = _portrait_level(corr.scale, len(reference.pyramid))
-    source = reference.pyramid[level]
     ys, xs = raster.ys[usable] - y0, raster.xs[usable] - x0
     support = np.zeros(shape, bool)
     support[ys, xs] = True
@@ -98,38 +129,44 @@ def restore_image(image: np.ndarray, alpha: np.ndarray, vertices2d: np.ndarray, 
     map_y = np.full(shape, -1.0, np.float32)
     map_x[ys, xs] = corr.portrait_xy[usable, 0] / 2 ** level
     map_y[ys, xs] = corr.portrait_xy[usable, 1] / 2 ** level
-    soft = np.zeros(shape, np.float32)
-    soft[ys, xs] = facing[usable]
+    facing_map = np.zeros(shape, np.float32)
+    facing_map[ys, xs] = facing[usable]
+    return _Plan(np.s_[y0:y1, x0:x1], support, map_x, map_y, facing_map, reference.pyramid[level], face_size,
+                 feather_px)
 
-    render = image[crop].astype(np.float32)
-    portrait = _warp(source, map_x, map_y, support, render)
-    if options.refine:
-        map_x, map_y = refine_maps(render, portrait, map_x, map_y, support, options.max_shift * face_size)
-        portrait = _warp(source, map_x, map_y, support, render)
 
-    sigma = max(2.0, 0.025 * face_size)  # about the size of facial features' smallest parts
-    low, coarse = masked_lowpass(np.dstack([render, portrait]), support, [sigma, 4.0 * sigma]).images
-    small_support = resize_to(support.astype(np.float32), low.shape)
-    consistency = consistency_weight(low[..., :3], low[..., 3:], coarse[..., :3], coarse[..., 3:], small_support,
-                                     options.consistency)
-    soft *= resize_to(consistency, shape)
-    weight = feathered_weight(support, soft, feather_px)
+def _weight_and_gain(render: np.ndarray, portrait: np.ndarray, plan: _Plan,
+                     options: ReferenceOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The transfer weight (foreshortening x consistency x alignment, feathered) and the local shading gain
+    (render over portrait brightness, at the reduced resolution of the low-pass filters)."""
+    sigma = max(2.0, 0.025 * plan.face_size)  # about the size of the smallest facial features
+    # Lighting may differ between avatar and photo at the scale of the whole face, not at the scale of a mouth.
+    coarse_sigma = max(4.0 * sigma, 0.2 * plan.face_size)
+    low_r, coarse_r = masked_lowpass(render, plan.support, [sigma, coarse_sigma]).images
+    low_p, coarse_p = masked_lowpass(portrait, plan.support, [sigma, coarse_sigma]).images
+    small_support = resize_to(plan.support.astype(np.float32), low_r.shape)
+    consistency = consistency_weight(low_r, low_p, coarse_r, coarse_p, small_support, options.consistency)
+    soft = plan.facing * resize_to(consistency, plan.support.shape)
+    if options.alignment_check:
+        soft *= alignment_weight(render, portrait)
+    weight = feathered_weight(plan.support, soft, plan.feather_px)
     # Detail as reflectance: the portrait's bands scaled by how much brighter the render is locally.
-    gain = np.clip(low[..., :3] / np.maximum(low[..., 3:], 1.0), *_SHADING_GAIN).astype(np.float32)
+    gain = np.clip(low_r / np.maximum(low_p, 1.0), *_SHADING_GAIN).astype(np.float32)
+    return weight, gain
 
+
+def _missing_detail(render: np.ndarray, portrait: np.ndarray, gain: np.ndarray, weight: np.ndarray,
+                    support: np.ndarray, levels: int) -> tuple[np.ndarray, list[float]]:
+    """Per Laplacian band, the portrait's band (shading-scaled) minus the render's, in the share the render
+    lacks, summed at full resolution; and each band's weighted mean share."""
     deltas, shares = [], []
-    for r, p in zip(laplacian_pyramid(render, options.levels), laplacian_pyramid(portrait, options.levels)):
+    for r, p in zip(laplacian_pyramid(render, levels), laplacian_pyramid(portrait, levels)):
         p = p * resize_to(gain, r.shape)
         share = band_share(r, p, resize_to(support.astype(np.float32), r.shape) > 0.5)
         deltas.append(share[..., None] * (p - r))
         level_weight = resize_to(weight, r.shape)
         shares.append(float((share * level_weight).sum() / max(float(level_weight.sum()), 1e-9)))
-    restored = render + (options.strength * weight)[..., None] * collapse(deltas)
-    out = image.copy()
-    out[crop] = np.clip(np.rint(restored), 0, 255).astype(np.uint8)
-    full_weight = np.zeros((height, width), np.float32)
-    full_weight[crop] = weight
-    return Restored(out, full_weight, shares + [0.0] * (options.levels - len(shares)))
+    return collapse(deltas), shares
 
 
 def _facing_weight(corr: Correspondence, min_visibility: float) -> np.ndarray:
