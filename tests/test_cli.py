@@ -92,3 +92,15 @@ def test_import_ophav_core_imports_no_plugin_and_no_torch():
             "'ophav_matting', 'gfpgan', 'basicsr')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_full_disk_is_a_clear_error_and_keeps_finished_steps(fakes_env, portrait_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPHAV_FAKE_CRASH", "segment:disk-full")
+    code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r"), *FAKES], capsys)
+    assert code == 1 and "disk is full" in err and "--resume" in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "r/manifest.json").read_text())
+    assert manifest["steps"]["track"]["status"] == "done" and manifest["steps"]["segment"]["status"] != "done"
+    monkeypatch.delenv("OPHAV_FAKE_CRASH")
+    code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r"), *FAKES, "--resume"], capsys)
+    assert code == 0, err
+    assert fakes_env.CALLS["image2video"] == 1

@@ -34,8 +34,13 @@ class CrashForTest(RuntimeError):
 
 def _maybe_crash(event: str) -> None:
     CALLS[event] += 1
-    if os.environ.get("OPHAV_FAKE_CRASH") == event:
+    crash = os.environ.get("OPHAV_FAKE_CRASH")
+    if crash == event:
         raise CrashForTest(f"simulated crash at {event}")
+    if crash == f"{event}:disk-full":
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", f"{event}.npz")
 
 
 class FakeI2VOptions(BaseModel):
