@@ -14,12 +14,17 @@ triangle's frame (so the distance from the surface, mostly along the normal, is 
 Nearest-triangle search: a voxel grid over the mesh's bounding box (grown by ``far``) lists, per voxel, the
 ``K`` triangles nearest to its centre, taken over the canonical mesh and the most deformed training meshes;
 a point then tests only its voxel's ``K`` candidates exactly. Points outside that box are farther than ``far``
-from every mesh and need no search. The cost is O(points * K) whatever the mesh size (MediaPipe's 898 or
-FLAME's ~10k triangles); the grid is built once per training (O(G^3 * F), chunked) and stored in the checkpoint.
+from every mesh and move rigidly. The cost is O(points * K) whatever the mesh size (MediaPipe's 898 or FLAME's
+~10k triangles). The grid is built once per training (bounding-sphere bounds via ``cdist`` for all voxel/triangle
+pairs, exact distances for a short list) and stored in the checkpoint. It is exact when a voxel's list holds
+every triangle within (nearest distance + voxel diagonal) of its centre; otherwise a neighbour of the true
+nearest triangle is used (a 10k-triangle head, G=32, K=16: 95% exact; excess distance mean 0.003%, max 0.7% of
+the head size).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,25 +103,59 @@ def smoothstep(edge0: float, edge1: float, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- candidates
 
 
-def build_candidates(reference_meshes: torch.Tensor, faces: torch.Tensor, grid_min: torch.Tensor,
-                     grid_max: torch.Tensor, resolution: int, k: int, chunk_pairs: int = 1 << 24) -> torch.Tensor:
-    """(G^3, k) int64: per voxel, the ``k`` triangles nearest to the voxel centre over all ``reference_meshes``
-    (M, V, 3) (the minimum distance over meshes decides)."""
-    device = reference_meshes.device
-    k = min(k, faces.shape[0])
-    axes = [grid_min[i] + (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5)
+def voxel_centres(grid_min: torch.Tensor, grid_max: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(G^3, 3) voxel centres, x fastest (the order of :func:`voxel_index`)."""
+    axes = [grid_min[i] + (torch.arange(resolution, device=grid_min.device, dtype=torch.float32) + 0.5)
             * (grid_max[i] - grid_min[i]) / resolution for i in range(3)]
     zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-    centres = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)  # x fastest, matching voxel_index()
-    tri = reference_meshes[:, faces]  # (M, F, 3, 3)
-    per_chunk = max(1, chunk_pairs // (faces.shape[0] * reference_meshes.shape[0]))
+    return torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+
+
+def _nearest_of(points: torch.Tensor, tri: torch.Tensor, subset: torch.Tensor | None, k: int,
+                chunk_pairs: int) -> torch.Tensor:
+    """For points (C, 3): indices of the ``k`` triangles nearest to each (minimum over the meshes of ``tri``
+    (M, F, 3, 3)), searched among all triangles or, per point, among ``subset`` (C, S) triangle indices."""
+    count = tri.shape[1] if subset is None else subset.shape[1]
+    per_chunk = max(1, chunk_pairs // (count * tri.shape[0]))
     out = []
-    for start in range(0, centres.shape[0], per_chunk):
-        p = centres[start:start + per_chunk][:, None, None, :]  # (C, 1, 1, 3)
-        q, _ = closest_point_on_triangle(p, tri[None, :, :, 0], tri[None, :, :, 1], tri[None, :, :, 2])
-        d2 = ((p - q) ** 2).sum(-1).amin(dim=1)  # (C, F)
-        out.append(torch.topk(d2, k, dim=1, largest=False).indices)
+    for start in range(0, points.shape[0], per_chunk):
+        p = points[start:start + per_chunk][:, None, None, :]  # (C, 1, 1, 3)
+        if subset is None:
+            t = tri[None]  # (1, M, F, 3, 3)
+        else:
+            t = tri[:, subset[start:start + per_chunk]].transpose(0, 1)  # (C, M, S, 3, 3)
+        q, _ = closest_point_on_triangle(p, t[..., 0, :], t[..., 1, :], t[..., 2, :])
+        d2 = ((p - q) ** 2).sum(-1).amin(dim=1)  # (C, count)
+        best = torch.topk(d2, k, dim=1, largest=False).indices
+        out.append(best if subset is None else torch.gather(subset[start:start + per_chunk], 1, best))
     return torch.cat(out, dim=0)
+
+
+def build_candidates(reference_meshes: torch.Tensor, faces: torch.Tensor, grid_min: torch.Tensor,
+                     grid_max: torch.Tensor, resolution: int, k: int, keep: int = 64,
+                     chunk_pairs: int | None = None) -> torch.Tensor:
+    """(G^3, k) int64: per voxel, the ``k`` triangles nearest to the voxel centre over all ``reference_meshes``
+    (M, V, 3) (the minimum distance over meshes decides).
+
+    Exact point-triangle distances for all G^3 * F pairs would be slow for a 10k-triangle mesh, so a cheap
+    lower bound (distance to the triangle's bounding sphere, via ``cdist``) first keeps ``keep`` triangles per
+    voxel; only those get the exact test. A triangle can only be missed if ``keep`` others have a smaller lower
+    bound than its exact distance, which near the surface means a much finer mesh than the voxels."""
+    if chunk_pairs is None:  # (voxel, triangle, mesh) triples per step: at most ~1 GB of temporaries on a GPU
+        chunk_pairs = 1 << (23 if reference_meshes.device.type == "cuda" else 20)
+    num_faces = faces.shape[0]
+    k, keep = min(k, num_faces), min(max(keep, k), num_faces)
+    tri = reference_meshes[:, faces]  # (M, F, 3, 3)
+    centroid = tri.mean(dim=2)  # (M, F, 3)
+    radius = (tri - centroid[:, :, None]).norm(dim=-1).amax(dim=-1)  # (M, F)
+    centres = voxel_centres(grid_min, grid_max, resolution)
+    per_chunk = max(1, chunk_pairs // (num_faces * tri.shape[0]))
+    subsets = []
+    for start in range(0, centres.shape[0], per_chunk):
+        c = centres[start:start + per_chunk]
+        lower = torch.stack([torch.cdist(c, centroid[m]) - radius[m] for m in range(tri.shape[0])]).amin(dim=0)
+        subsets.append(torch.topk(lower, keep, dim=1, largest=False).indices)
+    return _nearest_of(centres, tri, torch.cat(subsets), k, chunk_pairs)
 
 
 def voxel_index(x: torch.Tensor, grid_min: torch.Tensor, grid_max: torch.Tensor, resolution: int
@@ -147,6 +186,11 @@ class MeshDeformer:
     candidates: torch.Tensor
     near: float
     far: float
+    compiled: Any = None  # torch.compile'd _deform_near, when enabled
+
+    def enable_compile(self) -> None:
+        """Fuse the many small elementwise kernels of the nearest-triangle test (dynamic point counts)."""
+        self.compiled = torch.compile(self._deform_near, dynamic=True)
 
     @classmethod
     def build(cls, canonical: np.ndarray, faces: np.ndarray, reference_meshes: np.ndarray, resolution: int, k: int,
@@ -186,34 +230,51 @@ class MeshDeformer:
 
     def _deform(self, x_r: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor, chunk: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        x_c = x_r.clone()
-        closeness = torch.zeros(x_r.shape[0], device=x_r.device, dtype=torch.float32)
-        cell, inside = voxel_index(x_r, self.grid_min, self.grid_max, self.resolution)
-        todo = inside.nonzero().squeeze(1)
-        for start in range(0, todo.numel(), chunk):
-            idx = todo[start:start + chunk]
-            x_c[idx], closeness[idx] = self._deform_near(x_r[idx], frame[idx], meshes, cell[idx])
-        return x_c, closeness
+        # Every point goes through the candidate test (points outside the grid get closeness 0): compacting
+        # the inside points would need a host sync per batch, which costs more on a GPU than the spare math.
+        kernel = self.compiled or self._deform_near
+        if x_r.shape[0] <= chunk:
+            return kernel(x_r, frame, meshes)
+        parts = [kernel(x_r[i:i + chunk], frame[i:i + chunk], meshes) for i in range(0, x_r.shape[0], chunk)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _deform_near(self, p: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor, cell: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest(self, p: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor) -> "Nearest":
+        """Nearest candidate triangle of each point (N, 3) in its frame's unposed mesh."""
+        cell, inside = voxel_index(p, self.grid_min, self.grid_max, self.resolution)
         cand = self.candidates[cell]  # (n, K)
-        tri_idx = self.faces[cand]  # (n, K, 3)
-        tri = meshes[frame[:, None, None], tri_idx]  # (n, K, 3, 3)
+        tri = meshes[frame[:, None, None], self.faces[cand]]  # (n, K, 3 vertices, 3)
         q, bary = closest_point_on_triangle(p[:, None], tri[:, :, 0], tri[:, :, 1], tri[:, :, 2])
         d2 = ((p[:, None] - q) ** 2).sum(-1)
         best = d2.argmin(dim=1)
         rows = torch.arange(p.shape[0], device=p.device)
-        face = cand[rows, best]
-        q, bary, tri = q[rows, best], bary[rows, best], tri[rows, best]
-        dist = d2[rows, best].sqrt()
-        frame_u = triangle_frames(tri[:, 0], tri[:, 1], tri[:, 2])  # (n, 3, 3)
-        local = (frame_u @ (p - q)[:, :, None])[:, :, 0]  # offset in the frame triangle's axes
-        canon_tri = self.canonical[self.faces[face]]  # (n, 3, 3)
-        q_c = (bary[:, :, None] * canon_tri).sum(1)
-        x_tri = q_c + (self.canonical_frames[face].transpose(1, 2) @ local[:, :, None])[:, :, 0]
-        closeness = 1.0 - smoothstep(self.near, self.far, dist)
+        return Nearest(cand[rows, best], q[rows, best], bary[rows, best], tri[rows, best], d2[rows, best].sqrt(), inside)
+
+    def _deform_near(self, p: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        near = self.nearest(p, frame, meshes)
+        frame_u = triangle_frames(near.triangle[:, 0], near.triangle[:, 1], near.triangle[:, 2])  # (n, 3, 3)
+        local = rotate(frame_u, p - near.point)  # the offset in the frame triangle's axes
+        canon_tri = self.canonical[self.faces[near.face]]  # (n, 3, 3)
+        q_c = (near.bary[:, :, None] * canon_tri).sum(1)
+        x_tri = q_c + rotate(self.canonical_frames[near.face].transpose(1, 2), local)
+        closeness = (1.0 - smoothstep(self.near, self.far, near.distance)) * near.inside
         return p + closeness[:, None] * (x_tri - p), closeness
+
+
+@dataclass
+class Nearest:
+    face: torch.Tensor  # (N,) triangle index
+    point: torch.Tensor  # (N, 3) closest point on it
+    bary: torch.Tensor  # (N, 3) its barycentric coordinates
+    triangle: torch.Tensor  # (N, 3, 3) the triangle's vertices
+    distance: torch.Tensor  # (N,)
+    inside: torch.Tensor  # (N,) bool: inside the candidate grid (else the search is meaningless)
+
+
+def rotate(matrices: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``matrices @ vectors`` for (..., 3, 3) and (..., 3), elementwise: exact float32 (no TF32) and cheap for
+    many tiny matrices."""
+    return (matrices * vectors[..., None, :]).sum(-1)
 
 
 def reference_meshes(unposed: np.ndarray, canonical: np.ndarray, count: int = 3) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,89 +76,44 @@ class InstaField(AvatarField):
         profile = self.context.profile
         return int(profile.refit_iterations if init is not None else profile.fit_iterations)
 
-    def _field_config(self, tracking: Tracking, device) -> "FieldConfig":  # noqa: F821
-        from ophav_insta.model import FieldConfig
-
-        opt = self.options
-        log2 = opt.log2_table if opt.log2_table is not None else (19 if device.type == "cuda" else 16)
-        return FieldConfig(levels=opt.levels, features_per_level=opt.features_per_level, log2_table=log2,
-                           base_resolution=opt.base_resolution, finest_resolution=opt.finest_resolution,
-                           hidden_dim=opt.hidden_dim, geo_features=opt.geo_features, color_layers=opt.color_layers,
-                           expression_dim=tracking.num_expressions, expression_falloff=opt.expression_falloff)
-
     # ------------------------------------------------------------------ fit
 
     def fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, out: Path,
             init: AvatarCheckpoint | None = None, iterations: int | None = None) -> AvatarCheckpoint:
-        import torch
+        from ophav_insta.train import Stopwatch, psnr
 
-        from ophav_insta.deform import MeshDeformer, reference_meshes, unposed_vertices
-        from ophav_insta.model import FieldConfig, Geometry
-        from ophav_insta.train import Scene, Stopwatch, Trainer, psnr
-
-        masks.check_matches(frames)
-        tracking.check_matches(frames)
         device = self._device()
         backend = self._backend(device)
         total = self._iterations(init, iterations)
-        opt = self.options
-        unposed = unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation)
-        field_state = occupancy_state = None
-        previous: dict[str, Any] = {}
-        if init is not None:
-            ckpt = read_checkpoint(init.path)
-            config, geometry = FieldConfig.from_dict(ckpt["config"]), Geometry.from_dict(ckpt["geometry"])
-            _check_compatible(ckpt, tracking)
-            deformer = _deformer_from_checkpoint(ckpt, device)
-            field_state, occupancy_state, previous = ckpt["field"], ckpt["occupancy"], ckpt["info"]
-        else:
-            config = self._field_config(tracking, device)
-            geometry = Geometry.from_meshes(tracking.canonical_vertices, unposed, tracking.mesh_type, opt.box_margin,
-                                            opt.box_extra_up, opt.box_extra_back, opt.deform_near, opt.deform_far)
-            refs = reference_meshes(unposed, tracking.canonical_vertices)
-            deformer = MeshDeformer.build(tracking.canonical_vertices, tracking.faces, refs, opt.candidate_grid,
-                                          opt.candidates, geometry.near, geometry.far, device)
-        voxel = geometry.cube_side / opt.occupancy_resolution
-        displacement = float(np.linalg.norm(unposed - tracking.canonical_vertices[None], axis=-1).max())
-        dilation = int(min(4, max(1, math.ceil(displacement / voxel))))
-        scene = Scene.build(frames, masks, tracking, geometry, device)
-        trainer = Trainer(opt, config, geometry, deformer, scene, device, self.context.seed, backend, total,
-                          field_state, occupancy_state, dilation)
+        trainer, previous = build_trainer(self.options, frames, masks, tracking, device, self.context.seed, backend,
+                                          total, init.path if init is not None else None)
         watch = Stopwatch(device)
         last_loss, last_mse = float("nan"), float("nan")
         with self.context.progress(total, "fit") as bar:
             for i in range(total):
                 loss, mse = trainer.step()
-                if (i + 1) % opt.progress_every == 0 or i + 1 == total:  # reading a loss syncs the GPU
+                if (i + 1) % self.options.progress_every == 0 or i + 1 == total:  # reading a loss syncs the GPU
                     last_loss, last_mse = float(loss), float(mse)
                     bar.advance(1, psnr=psnr(last_mse), loss=last_loss)
                 else:
                     bar.advance(1)
         trainer.finalize()
         seconds = watch.elapsed()
+        finite = math.isfinite(last_mse)
         info = {
             "component": "insta", "iterations": total,
             "total_iterations": int(previous.get("total_iterations", 0)) + total,
-            "loss": last_loss, "psnr": psnr(last_mse) if math.isfinite(last_mse) else None,
+            "loss": last_loss if finite else None, "psnr": psnr(last_mse) if finite else None,
             "seconds": round(seconds, 3), "iterations_per_second": round(total / seconds, 2) if seconds > 0 else None,
             "device": str(device), "backend": backend, "frames": len(frames),
-            "image_size": [int(s) for s in frames.size], "background": opt.background,
+            "image_size": [int(s) for s in frames.size], "background": trainer.options.background,
             "occupied_fraction": round(trainer.occupancy.fraction(), 4),
             "samples_per_ray": round(trainer.samples_evaluated / max(trainer.rays_traced, 1), 2),
             "continued_from": str(init.path) if init is not None else None,
         }
         template = _template(tracking)
-        payload = {
-            "format": FORMAT, "version": VERSION, "config": config.to_dict(), "geometry": geometry.to_dict(),
-            "options": opt.model_dump(), "field": {k: v.detach().cpu().clone() for k, v in trainer.ema.state_dict().items()},
-            "deformer": deformer.state(), "occupancy": trainer.occupancy.state(),
-            "template": tracking_to_tensors(template), "info": info,
-        }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        out = Path(out)
-        atomic_write_bytes(out, buffer.getvalue())
-        return AvatarCheckpoint(path=out, template=template, info=info)
+        write_checkpoint(Path(out), trainer, template, info)
+        return AvatarCheckpoint(path=Path(out), template=template, info=info)
 
     # ------------------------------------------------------------------ load
 
@@ -189,7 +143,7 @@ class InstaField(AvatarField):
         trained = ckpt["options"]
         loaded = _Loaded(field, _deformer_from_checkpoint(ckpt, device), geometry, occupancy,
                          tracking_from_tensors(ckpt["template"]), str(trained.get("background", "white")),
-                         int(trained.get("samples_per_ray", self.options.samples_per_ray)))
+                         int(trained["samples_per_ray"]))
         self._cache = {key: loaded}  # one avatar at a time: a new checkpoint frees the previous one
         return loaded
 
@@ -212,7 +166,8 @@ class InstaField(AvatarField):
         rgb = np.zeros((n, height, width, 3), np.uint8)
         alpha = np.zeros((n, height, width), np.float32)
         depth = np.zeros((n, height, width), np.float32)
-        options = self.options.model_copy(update={"samples_per_ray": model.samples_per_ray})
+        options = self.options.resolved(device.type == "cuda").model_copy(
+            update={"samples_per_ray": model.samples_per_ray})
         background = background_rgb(model.background, device)
         amp = bool(self.options.amp and device.type == "cuda")
         canonical = torch.as_tensor(template.canonical_vertices, device=device)
@@ -230,7 +185,77 @@ class InstaField(AvatarField):
         return RenderResult(rgb=rgb, alpha=alpha, depth=depth)
 
 
+# ---------------------------------------------------------------------------------------------- training setup
+
+
+def field_config(options: InstaOptions, tracking: Tracking, device) -> Any:
+    from ophav_insta.model import FieldConfig
+
+    opt = options.resolved(device.type == "cuda")
+    return FieldConfig(levels=opt.levels, features_per_level=opt.features_per_level, log2_table=opt.log2_table,
+                       base_resolution=opt.base_resolution, finest_resolution=opt.finest_resolution,
+                       hidden_dim=opt.hidden_dim, geo_features=opt.geo_features, color_layers=opt.color_layers,
+                       expression_dim=tracking.num_expressions, expression_falloff=opt.expression_falloff)
+
+
+def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, tracking: Tracking, device, seed: int,
+                  backend: str, iterations: int, init_path: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """A :class:`~ophav_insta.train.Trainer` for the frames: geometry, candidate grid and weights either new or
+    from the checkpoint ``init_path`` (whose architecture and head space are kept). Also returns the init's info."""
+    import torch
+
+    from ophav_insta.deform import MeshDeformer, reference_meshes, unposed_vertices
+    from ophav_insta.model import FieldConfig, Geometry
+    from ophav_insta.train import Scene, Trainer
+
+    masks.check_matches(frames)
+    tracking.check_matches(frames)
+    device = torch.device(device)
+    opt = options.resolved(device.type == "cuda")
+    unposed = unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation)
+    field_state = occupancy_state = None
+    previous: dict[str, Any] = {}
+    if init_path is not None:
+        ckpt = read_checkpoint(init_path)
+        config, geometry = FieldConfig.from_dict(ckpt["config"]), Geometry.from_dict(ckpt["geometry"])
+        _check_compatible(ckpt, tracking)
+        deformer = _deformer_from_checkpoint(ckpt, device)
+        field_state, occupancy_state, previous = ckpt["field"], ckpt["occupancy"], dict(ckpt["info"])
+    else:
+        config = field_config(opt, tracking, device)
+        geometry = Geometry.from_meshes(tracking.canonical_vertices, unposed, tracking.mesh_type, opt.box_margin,
+                                        opt.box_extra_up, opt.box_extra_back, opt.deform_near, opt.deform_far)
+        refs = reference_meshes(unposed, tracking.canonical_vertices)
+        deformer = MeshDeformer.build(tracking.canonical_vertices, tracking.faces, refs, opt.candidate_grid,
+                                      opt.candidates, geometry.near, geometry.far, device)
+    # The occupancy test uses unposed points; canonical ones are at most the largest expression displacement away.
+    voxel = geometry.cube_side / opt.occupancy_resolution
+    displacement = float(np.linalg.norm(unposed - tracking.canonical_vertices[None], axis=-1).max())
+    dilation = int(min(4, max(1, math.ceil(displacement / voxel))))
+    scene = Scene.build(frames, masks, tracking, geometry, device)
+    trainer = Trainer(opt, config, geometry, deformer, scene, device, seed, backend, iterations, field_state,
+                      occupancy_state, dilation)
+    return trainer, previous
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def write_checkpoint(out: Path, trainer: Any, template: Tracking, info: dict[str, Any]) -> None:
+    """One file, written atomically: EMA weights, architecture, head space, candidate and occupancy grids,
+    the template tracking and the info."""
+    import torch
+
+    payload = {
+        "format": FORMAT, "version": VERSION, "config": trainer.config.to_dict(),
+        "geometry": trainer.geometry.to_dict(), "options": trainer.options.model_dump(),
+        "field": {k: v.detach().cpu().clone() for k, v in trainer.ema.state_dict().items()},
+        "deformer": trainer.deformer.state(), "occupancy": trainer.occupancy.state(),
+        "template": tracking_to_tensors(template), "info": info,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(out, buffer.getvalue())
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -105,17 +105,25 @@ class LevelTables:
 # ---------------------------------------------------------------------------------------------- reference
 
 _CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
+_CORNER_CACHE: dict[torch.device, torch.Tensor] = {}
+
+
+def _corners(device: torch.device) -> torch.Tensor:
+    """(8, 3) int64 corner offsets, created once per device (a host-to-device copy per call would sync)."""
+    if device not in _CORNER_CACHE:
+        _CORNER_CACHE[device] = torch.tensor(_CORNERS, dtype=torch.int64, device=device)
+    return _CORNER_CACHE[device]
 
 
 def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Table rows (N, 8) and trilinear weights (N, 8) of the 8 corners around ``x`` (N, 3) at ``level``."""
-    scale = float(layout.scales[level])
+    scale = float(layout.scales[level])  # a float32 value: the product below is the float32 one
     res, size = int(layout.resolutions[level]), int(layout.sizes[level])
-    pos = x * torch.tensor(scale, dtype=torch.float32, device=x.device) + 0.5
+    pos = x * scale + 0.5
     cell = torch.floor(pos)
     frac = pos - cell
     cell = cell.to(torch.int64)
-    corner = torch.tensor(_CORNERS, dtype=torch.int64, device=x.device)  # (8, 3)
+    corner = _corners(x.device)  # (8, 3)
     grid = cell[:, None, :] + corner[None]  # (N, 8, 3)
     upper = corner.bool()[None]
     w = torch.where(upper, frac[:, None, :], 1.0 - frac[:, None, :])

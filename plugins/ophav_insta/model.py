@@ -123,7 +123,7 @@ class FieldConfig:
     color_layers: int
     expression_dim: int
     expression_falloff: bool = True
-    density_bias: float = -1.0  # a faint initial fog rather than an opaque box
+    density_bias: float = -2.0  # a faint initial fog rather than an opaque box
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -201,11 +201,10 @@ class FrameData:
 class HeadField:
     """Unposed samples of some frames -> (density, colour): deformation, cube coordinates, canonical field."""
 
-    def __init__(self, field_net: CanonicalField, deformer: MeshDeformer, geometry: Geometry, frames: FrameData):
-        self.field, self.deformer, self.geometry, self.frames = field_net, deformer, geometry, frames
-        device = deformer.canonical.device
-        self.cube_min = torch.tensor(geometry.cube_min, dtype=torch.float32, device=device)
-        self.cube_side = float(geometry.cube_side)
+    def __init__(self, field_net: CanonicalField, deformer: MeshDeformer, cube_min: torch.Tensor, cube_side: float,
+                 frames: FrameData):
+        self.field, self.deformer, self.frames = field_net, deformer, frames
+        self.cube_min, self.cube_side = cube_min, float(cube_side)
 
     def __call__(self, x: torch.Tensor, frame: torch.Tensor, direction: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:

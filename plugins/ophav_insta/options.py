@@ -6,6 +6,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def device_defaults(cuda: bool) -> dict:
+    """What the options left ``None`` become on a GPU or a CPU."""
+    return {"batch_rays": 4096 if cuda else 1024, "samples_per_ray": 128 if cuda else 48,
+            "log2_table": 19 if cuda else 16}
+
+
 class InstaOptions(BaseModel):
     """INSTA-style deformable hash-grid radiance field. Options left ``None`` follow the run profile or the device."""
 
@@ -14,12 +20,18 @@ class InstaOptions(BaseModel):
     # ---- schedule
     iterations: int | None = Field(None, ge=0, description="training iterations; None = profile.fit_iterations "
                                    "(refit_iterations when continuing from a checkpoint)")
-    batch_rays: int = Field(4096, ge=16, description="rays per training batch")
+    batch_rays: int | None = Field(None, ge=16, description="rays per training batch; None = 4096 on CUDA, "
+                                   "1024 on the CPU")
     frames_per_batch: int = Field(8, ge=1, description="frames the rays of one batch come from (per-frame mesh data "
                                   "is gathered once per frame and batch)")
     # ---- hash encoding (architecture; stored in the checkpoint)
     log2_table: int | None = Field(None, ge=8, le=24, description="log2 of the hash table entries per level; "
                                    "None = 19 on CUDA, 16 on the CPU")
+
+    def resolved(self, cuda: bool) -> "InstaOptions":
+        """A copy with the device-dependent options (left ``None``) filled in."""
+        defaults = device_defaults(cuda)
+        return self.model_copy(update={k: v for k, v in defaults.items() if getattr(self, k) is None})
     levels: int = Field(16, ge=1, le=32, description="hash grid levels")
     features_per_level: Literal[1, 2, 4, 8] = Field(2, description="features per level")
     base_resolution: int = Field(16, ge=2, description="coarsest grid resolution")
@@ -51,10 +63,10 @@ class InstaOptions(BaseModel):
                                "point follows its nearest triangle")
     deform_far: float = Field(0.1, gt=0, description="beyond this distance a point moves rigidly with the head")
     candidate_grid: int = Field(32, ge=4, le=128, description="voxels per axis of the nearest-triangle candidate grid")
-    candidates: int = Field(12, ge=1, le=64, description="candidate triangles kept per voxel")
+    candidates: int = Field(16, ge=1, le=64, description="candidate triangles kept per voxel")
     # ---- sampling
-    samples_per_ray: int = Field(128, ge=8, description="candidate samples per ray inside the box (before "
-                                 "empty-space skipping)")
+    samples_per_ray: int | None = Field(None, ge=8, description="candidate samples per ray inside the box "
+                                        "(before empty-space skipping); None = 128 on CUDA, 48 on the CPU")
     occupancy_resolution: int = Field(64, ge=4, le=256, description="voxels per axis of the occupancy grid")
     occupancy_update_every: int = Field(16, ge=1, description="iterations between occupancy grid updates")
     occupancy_warmup: int = Field(256, ge=0, description="iterations before empty space is skipped")
@@ -65,10 +77,10 @@ class InstaOptions(BaseModel):
                               "between steps)")
     render_min_transmittance: float = Field(1e-3, ge=0, lt=1, description="a ray stops once its transmittance "
                                             "falls below this")
-    render_chunk_rays: int = Field(65536, ge=256, description="rays rendered at once")
+    render_chunk_rays: int = Field(1 << 18, ge=256, description="rays rendered at once")
     # ---- execution
     backend: Literal["auto", "torch", "triton", "tcnn"] = Field("auto", description="hash encoding backend; auto = "
                                                                 "tcnn if importable, else triton on CUDA, else torch")
     amp: bool = Field(True, description="bf16 autocast for the MLPs on CUDA")
-    compile: bool = Field(False, description="torch.compile the MLPs (CUDA only; experimental)")
+    compile: bool = Field(False, description="torch.compile the MLPs and the deformation (CUDA only; experimental)")
     progress_every: int = Field(25, ge=1, description="iterations between progress updates (each syncs the GPU)")

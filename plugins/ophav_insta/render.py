@@ -17,6 +17,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from ophav_insta.deform import rotate
+
 # ---------------------------------------------------------------------------------------------- rays
 
 
@@ -44,11 +46,11 @@ def make_rays(u: torch.Tensor, v: torch.Tensor, frame: torch.Tensor, K_inv: torc
     """Rays through pixel centres (u, v) (R,) of frames ``frame`` (R,); K_inv (B, 3, 3), rotation (B, 3, 3),
     translation (B, 3) per batch frame."""
     pix = torch.stack([u.float(), v.float(), torch.ones_like(u, dtype=torch.float32)], dim=-1)
-    d_cam = (K_inv[frame] @ pix[:, :, None])[:, :, 0]
+    d_cam = rotate(K_inv[frame], pix)
     d_cam = d_cam / d_cam[:, 2:3]  # z = 1: the ray parameter is the camera depth
     rot_t = rotation[frame].transpose(1, 2)
-    direction = (rot_t @ d_cam[:, :, None])[:, :, 0]
-    origin = -(rot_t @ translation[frame][:, :, None])[:, :, 0]
+    direction = rotate(rot_t, d_cam)
+    origin = -rotate(rot_t, translation[frame])
     near, far, hit = ray_box(origin, direction, box_min, box_max)
     return Rays(origin, direction, frame, near, far, hit)
 
@@ -78,7 +80,18 @@ class OccupancyGrid:
         device = cube_min.device
         self.density = torch.zeros(resolution ** 3, device=device)
         self.occupied = torch.ones(resolution ** 3, dtype=torch.bool, device=device)
+        self.surface = torch.zeros(resolution ** 3, dtype=torch.bool, device=device)
         self.active = False  # False: everything counts as occupied (warm-up)
+
+    def mark_surface(self, points: torch.Tensor) -> None:
+        """Voxels holding these head-space points (the canonical mesh) always count as occupied, so the face
+        keeps getting samples (and gradients) even if an early update finds its density still low."""
+        rel = (points - self.cube_min) / self.cube_side
+        res = self.resolution
+        cell = (rel[((rel >= 0) & (rel < 1)).all(dim=-1)] * res).floor().long()
+        surface = torch.zeros(res ** 3, dtype=torch.bool, device=self.density.device)
+        surface[cell[:, 0] + res * (cell[:, 1] + res * cell[:, 2])] = True
+        self.surface = surface
 
     def lookup(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) bool for points (N, 3) in head space; points outside the cube are empty."""
@@ -111,7 +124,7 @@ class OccupancyGrid:
         points = self.cell_points(generator, jitter)
         fresh = torch.cat([density_fn(points[i:i + chunk]).float() for i in range(0, points.shape[0], chunk)])
         self.density = torch.maximum(self.density * decay, fresh)
-        opaque = (1.0 - torch.exp(-self.density * step)) > threshold
+        opaque = ((1.0 - torch.exp(-self.density * step)) > threshold) | self.surface
         res, r = self.resolution, self.dilation
         grid = opaque.view(1, 1, res, res, res).float()
         if r > 0:

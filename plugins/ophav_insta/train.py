@@ -44,6 +44,14 @@ def box_rects(geometry: Geometry, rotation: np.ndarray, translation: np.ndarray,
     return rects.astype(np.int64)
 
 
+def surface_points(vertices: torch.Tensor, faces: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """Points spread over the mesh triangles (a barycentric grid with ``steps`` subdivisions) and its vertices."""
+    grid = [(i / steps, j / steps) for i in range(steps + 1) for j in range(steps + 1 - i)]
+    bary = torch.tensor([[1 - a - b, a, b] for a, b in grid], dtype=vertices.dtype, device=vertices.device)
+    tri = vertices[faces]  # (F, 3, 3)
+    return torch.einsum("sk,fkc->fsc", bary, tri).reshape(-1, 3)
+
+
 @dataclass
 class Scene:
     """The training frames on the device. images uint8 (N, H, W, 3); masks uint8 (N, H, W); per frame:
@@ -105,10 +113,11 @@ class Trainer:
                    "lr": options.lr_mlp, "base_lr": options.lr_mlp, "weight_decay": 1e-6}]
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-15, **({"fused": True} if cuda else {}))
         tensors = geometry.tensors(self.device)
-        self.box_min, self.box_max = tensors["box_min"], tensors["box_max"]
+        self.box_min, self.box_max, self.cube_min = tensors["box_min"], tensors["box_max"], tensors["cube_min"]
         self.occupancy = OccupancyGrid(options.occupancy_resolution, tensors["cube_min"], geometry.cube_side, dilation)
         if occupancy_state is not None and occupancy_state["density"].numel() == options.occupancy_resolution ** 3:
             self.occupancy.load_state(occupancy_state)
+        self.occupancy.mark_surface(surface_points(deformer.canonical, deformer.faces))
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.background = background_rgb(options.background, self.device)
         self.amp = bool(options.amp and cuda)
@@ -118,6 +127,7 @@ class Trainer:
         if options.compile and cuda:
             for net in (self.field.density_net, self.field.color_net):
                 net.compile(dynamic=True)
+            deformer.enable_compile()
 
     # ------------------------------------------------------------------ batches
 
@@ -150,7 +160,7 @@ class Trainer:
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, photometric MSE) of one batch, with gradients."""
         opt = self.options
-        head = HeadField(self.field, self.deformer, self.geometry, batch.frames)
+        head = HeadField(self.field, self.deformer, self.cube_min, self.geometry.cube_side, batch.frames)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = march_train(head, self.occupancy, batch.rays, opt.samples_per_ray, self.geometry.cube_side,
                               self.generator)
@@ -207,15 +217,23 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def render_frame(self, index: int, field: CanonicalField | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H, W, 3) composited rgb in [0, 1] and (H, W) opacity of training-set frame ``index``."""
-        scene = self.scene
+    def render_frame(self, index: int, scene: Scene | None = None, field: CanonicalField | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H, W, 3) composited rgb in [0, 1] and (H, W) opacity of frame ``index`` of ``scene`` (default: the
+        training scene), rendered with the EMA weights unless ``field`` is given."""
+        scene = scene or self.scene
         height, width = scene.images.shape[1:3]
         pick = torch.tensor([index], device=self.device)
         return render_image(field or self.ema, self.deformer, self.geometry, self.occupancy,
                             FrameData(scene.meshes[pick], scene.expressions[pick]), scene.K_inv[pick],
                             scene.rotation[pick], scene.translation[pick], (width, height), self.options,
                             self.background, self.amp)[:2]
+
+    def target(self, index: int, scene: Scene | None = None) -> torch.Tensor:
+        """(H, W, 3) frame ``index`` composited over the background with its mask, in [0, 1]."""
+        scene = scene or self.scene
+        alpha = scene.masks[index].float()[..., None] / 255.0
+        return scene.images[index].float() / 255.0 * alpha + self.background * (1.0 - alpha)
 
 
 @torch.no_grad()
@@ -232,7 +250,7 @@ def render_image(field: CanonicalField, deformer: MeshDeformer, geometry: Geomet
     u, v = u.reshape(-1), v.reshape(-1)
     zeros = torch.zeros_like(u)
     rays = make_rays(u, v, zeros, K_inv, rotation, translation, tensors["box_min"], tensors["box_max"])
-    head = HeadField(field, deformer, geometry, frames)
+    head = HeadField(field, deformer, tensors["cube_min"], geometry.cube_side, frames)
     rgb = torch.zeros(u.numel(), 3, device=device)
     opacity = torch.zeros(u.numel(), device=device)
     depth = torch.zeros(u.numel(), device=device)
