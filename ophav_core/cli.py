@@ -251,3 +251,4 @@ def main(argv: list[str] | None = None) -> None:
 
 # Commands that live in their own modules register themselves on `app` when imported here.
 from ophav_core import cli_data as _cli_data  # noqa: E402,F401
+from ophav_core import cli_study as _cli_study  # noqa: E402,F401

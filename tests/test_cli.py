@@ -81,7 +81,7 @@ def test_plugins_json_lists_components_by_stage(fakes_env, capsys):
 def test_help_lists_commands():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "plugins", "preprocess", "fit", "render", "weights"):
+    for command in ("run", "plugins", "preprocess", "fit", "render", "weights", "eval", "ablate"):
         assert command in result.output
 
 
