@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,24 @@ class Detections:
     valid: np.ndarray
     crowded: list[int] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@contextmanager
+def native_stderr_silenced():
+    """Send file descriptor 2 to /dev/null: MediaPipe's C++ graph logs a screenful of absl lines at start-up
+    that no environment variable turns off. Python-level warnings are issued outside this block."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _quiet_mediapipe_logs() -> None:
@@ -92,8 +111,12 @@ def detect_landmarks(frames: np.ndarray, single_image: bool = False, min_detecti
     valid = np.zeros(n, bool)
     crowded: list[int] = []
     own = face_mesh is None
-    face_mesh = face_mesh or make_face_mesh(single_image, min_detection_confidence)
     spent = 0.0
+    with native_stderr_silenced():
+        face_mesh = face_mesh or make_face_mesh(single_image, min_detection_confidence)
+        if n:  # the graph logs on its first frame too
+            first = np.ascontiguousarray(_upscale_for_detection(frames[0], min_detection_size))
+            face_mesh.process(first)
     try:
         for i in range(n):
             image = np.ascontiguousarray(_upscale_for_detection(frames[i], min_detection_size))

@@ -35,7 +35,7 @@ LOWER_JAW = _lower_jaw()
 
 def person_mattes(frames: np.ndarray, model_selection: int = 0) -> np.ndarray:
     """MediaPipe selfie segmentation of every frame: float32 (N, H, W) in [0, 1]."""
-    from ophav_mediapipe.detect import _quiet_mediapipe_logs, _upscale_for_detection
+    from ophav_mediapipe.detect import _quiet_mediapipe_logs, _upscale_for_detection, native_stderr_silenced
 
     _quiet_mediapipe_logs()
     import cv2
@@ -43,7 +43,11 @@ def person_mattes(frames: np.ndarray, model_selection: int = 0) -> np.ndarray:
 
     n, h, w = frames.shape[:3]
     out = np.zeros((n, h, w), np.float32)
-    with SelfieSegmentation(model_selection=model_selection) as model:
+    with native_stderr_silenced():
+        model = SelfieSegmentation(model_selection=model_selection)
+        if n:
+            model.process(np.ascontiguousarray(_upscale_for_detection(frames[0], 256)))
+    with model:
         for i in range(n):
             image = np.ascontiguousarray(_upscale_for_detection(frames[i], 256))
             mask = model.process(image).segmentation_mask
