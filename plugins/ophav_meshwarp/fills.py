@@ -53,5 +53,14 @@ def mouth_interior(u: np.ndarray, v: np.ndarray, width_px: float, opening_px: fl
              * wide * teeth_strength)
     colour = colour + (teeth * 0.75 - colour) * (lower * 0.8)
 
+    # The portrait's own colourfulness: a black-and-white photo gets a grey mouth.
+    saturation = float(np.clip(_chroma(lip_colour) / 60.0, 0.0, 1.0))
+    grey = colour.mean(axis=1, keepdims=True)
+    colour = grey + saturation * (colour - grey)
     alpha = smoothstep(rim_px[:, 0] / 1.2)
     return colour.astype(np.float32), alpha.astype(np.float32)
+
+
+def _chroma(rgb: np.ndarray) -> float:
+    rgb = np.asarray(rgb, np.float64)
+    return float(rgb.max() - rgb.min())

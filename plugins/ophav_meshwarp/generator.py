@@ -49,18 +49,18 @@ class MeshWarp(Image2Video):
         rotations = motion.rotations().astype(np.float64)
         n, size = len(motion), self.resolution
         frames = np.empty((n, size, size, 3), np.uint8)
-        mouth, eyes, mirror = np.zeros(n, np.float32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32)
+        mouth, eyes, unseen = np.zeros(n, np.float32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32)
         from ophav_meshwarp.warper import render_frame
 
         with self.context.progress(n, "meshwarp") as bar:
             for i in range(n):
                 frames[i], info = render_frame(source, rotations[i], offsets(i))
-                mouth[i], eyes[i], mirror[i] = info.mouth_fill, info.eye_fill, info.mirror_fraction
+                mouth[i], eyes[i], unseen[i] = info.mouth_fill, info.eye_fill, info.unseen_fraction
                 bar.advance(1)
         driving = dict(motion.driving_arrays())
         driving.update({
             "crop_box": np.repeat(box[None], n, axis=0),
-            "fill_mouth": mouth, "fill_eyes": eyes, "fill_mirror": mirror,
+            "fill_mouth": mouth, "fill_eyes": eyes, "fill_unseen": unseen,
         })
         return FrameSet(frames, fps=motion.fps, driving=driving)
 
@@ -73,11 +73,13 @@ class MeshWarp(Image2Video):
         size = self.resolution
         full = self._track_image(portrait.image, portrait.source)
         box = integer_box(crop_box(full.project(full.vertices[0].astype(np.float64)), portrait.size,
-                                   self.options.crop_scale, self.options.crop_shift))
+                                   self.options.crop_scale, self.options.crop_shift,
+                                   self.options.min_crop_scale))
         crop = crop_image(portrait.image, box, size)
         tracking = self._track_image(crop, f"{portrait.source or 'the portrait'} (cropped)")
+        head_alpha = self._head_matte(crop, tracking) if self.options.head_matte else None
         source = prepare_source(crop, tracking.K, tracking.rotation[0], tracking.translation[0],
-                                tracking.vertices[0], self._parts(tracking), self._settings())
+                                tracking.vertices[0], self._parts(tracking), self._settings(), head_alpha)
         return source, box
 
     def expression_offsets(self, motion: Motion, source):
@@ -116,6 +118,13 @@ class MeshWarp(Image2Video):
         if tracking.mesh_type != MESH_TYPE:
             raise InvalidData(f"meshwarp needs a {MESH_TYPE} tracking, the tracker gave {tracking.mesh_type!r}")
         return tracking
+
+    def _head_matte(self, crop: np.ndarray, tracking: Tracking) -> np.ndarray:
+        """The crop's head matte (MediaPipe selfie segmentation cut to the head): what moves with the head."""
+        from ophav_mediapipe.segmenter import MediapipeSegmenter
+
+        masks = MediapipeSegmenter(None, self.context).segment(FrameSet(crop[None], fps=1.0), tracking)
+        return masks.alpha[0]
 
     @staticmethod
     def _parts(tracking: Tracking):

@@ -18,9 +18,12 @@ class MeshParts:
     mouth_faces, eye_faces: (F,) bool, triangles inside the inner-lip / either eye contour.
     lips_inner, face_oval: ordered closed contours; eyes: the two ordered eye contours.
     upper_lid: per eye, the vertices of the upper half of the contour (what a blink moves).
+    above_eye_faces: per eye, the triangles touching the upper lid from above; lid_skin_faces: per eye, the
+        triangles between the lashes and the brow (the colour of a closed lid).
     mouth_uv: (V, 2) mouth-interior coordinates of the inner-lip vertices (u along the mouth from the subject's
         right corner, v = 0 on the upper lip, 1 on the lower lip), 0 elsewhere.
     side: (F,) +1 for triangles on the subject's left (head x > 0), -1 on the right, 0 on the midline.
+    nose_faces: (F,) bool, triangles touching the nose (semantic ``nose_region``, when the mesh has it).
     """
 
     faces: np.ndarray
@@ -33,8 +36,10 @@ class MeshParts:
     eyes: tuple[np.ndarray, np.ndarray]
     upper_lid: tuple[np.ndarray, np.ndarray]
     above_eye_faces: tuple[np.ndarray, np.ndarray]
+    lid_skin_faces: tuple[np.ndarray, np.ndarray]
     mouth_uv: np.ndarray
     side: np.ndarray
+    nose_faces: np.ndarray
 
 
 def symmetry_map(canonical: np.ndarray) -> np.ndarray:
@@ -76,11 +81,21 @@ def _mouth_uv(canonical: np.ndarray, lips_inner: np.ndarray) -> np.ndarray:
 
 
 def _faces_above(faces: np.ndarray, canonical: np.ndarray, upper_lid: np.ndarray, eye_faces: np.ndarray) -> np.ndarray:
-    """Triangles touching the upper lid from above: the eyelid skin a closing eye shows."""
+    """Triangles touching the upper lid from above: the lid that a closing eye stretches down."""
     touches = np.isin(faces, upper_lid).any(axis=1) & ~eye_faces
     centre_y = canonical[upper_lid, 1].mean()
     above = canonical[faces].mean(axis=1)[:, 1] < centre_y
     return touches & above
+
+
+def _lid_skin(faces: np.ndarray, canonical: np.ndarray, contour: np.ndarray, brow: np.ndarray) -> np.ndarray:
+    """Triangles of the skin between an eye and its brow (above the lashes, below the brow hair)."""
+    centres = canonical[faces].mean(axis=1)
+    lid_top = canonical[contour, 1].min()
+    brow_y = canonical[brow, 1].mean()
+    x0, x1 = canonical[contour, 0].min(), canonical[contour, 0].max()
+    return ((centres[:, 1] < lid_top) & (centres[:, 1] > brow_y + 0.35 * (lid_top - brow_y))
+            & (centres[:, 0] > x0) & (centres[:, 0] < x1))
 
 
 def build_parts(canonical: np.ndarray, faces: np.ndarray, semantic: dict[str, np.ndarray]) -> MeshParts:
@@ -99,13 +114,17 @@ def build_parts(canonical: np.ndarray, faces: np.ndarray, semantic: dict[str, np
     eye_faces = owner >= 0
     for upper in upper_lids:
         above.append(_faces_above(faces, canonical, upper, eye_faces))
+    brows = (np.asarray(semantic["right_brow"], np.int64), np.asarray(semantic["left_brow"], np.int64))
+    skin = tuple(_lid_skin(faces, canonical, eye, brow) for eye, brow in zip(eyes, brows))
+    nose = np.isin(faces, np.asarray(semantic.get("nose_region", semantic["nose"]), np.int64)).any(axis=1)
     centre_x = canonical[faces].mean(axis=1)[:, 0]
     tol = 1e-3 * float(np.ptp(canonical[:, 0]))
     side = np.where(centre_x > tol, 1, np.where(centre_x < -tol, -1, 0)).astype(np.int8)
     return MeshParts(faces=np.asarray(faces, np.int64), symmetry=symmetry_map(canonical), mouth_faces=mouth_faces,
                      eye_faces=eye_faces, eye_face_owner=owner, lips_inner=lips_inner, face_oval=face_oval,
                      eyes=eyes, upper_lid=(upper_lids[0], upper_lids[1]), above_eye_faces=(above[0], above[1]),
-                     mouth_uv=_mouth_uv(canonical, lips_inner), side=side)
+                     lid_skin_faces=(skin[0], skin[1]),
+                     mouth_uv=_mouth_uv(canonical, lips_inner), side=side, nose_faces=nose)
 
 
 def contour_opening(points2d: np.ndarray, contour: np.ndarray) -> float:

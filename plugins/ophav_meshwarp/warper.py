@@ -3,9 +3,11 @@
 For a frame with relative head rotation ``R_d`` and head-space expression offsets, the portrait's tracked mesh is
 deformed and turned about the head's centre (relative driving, as in FOMM), projected with the portrait's camera,
 and rasterised. Each output pixel inside the mesh samples the portrait through its triangle's affine map; outside,
-a thin-plate displacement field (:mod:`ophav_meshwarp.field`) moves hair, ears and neck with the head and keeps
-the far background still. Triangles the portrait shows badly (turned away or hidden) sample their mirror
-triangle instead, brightness-matched; the mouth and eyes get the fills of :mod:`ophav_meshwarp.fills`.
+a thin-plate displacement field (:mod:`ophav_meshwarp.field`) through the head shell
+(:mod:`ophav_meshwarp.shell`) moves hair, ears and neck with the head and keeps the background still. Face parts
+the portrait shows too small for the frame (turned away, hidden by the nose) take their mirror triangle's pixels
+(inner face) or a smooth continuation of the skin around them (cheeks); an opening mouth gets a cavity and teeth
+(:mod:`ophav_meshwarp.fills`) and closing eyes their lids' skin.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ophav_meshwarp.field import HeadRings, border_points, head_rings, thin_plate_field
+from ophav_meshwarp.field import ThinPlateField, border_points, in_plane_angle
 from ophav_meshwarp.fills import mouth_interior, smoothstep
+from ophav_meshwarp.shell import HeadShell, build_shell
 from ophav_meshwarp.raster import barycentric_affines, facing_camera, interpolate, rasterise_ids, signed_areas
 from ophav_meshwarp.topology import MeshParts, contour_opening
 
@@ -46,10 +49,12 @@ class SourceFace:
     face_width_px: float
     pivot: np.ndarray  # (3,) head centre, head space
     parts: MeshParts
-    rings: HeadRings
-    rings2d: np.ndarray  # (P, 2) the head rings in the portrait
-    border: np.ndarray  # (B, 2)
-    mirror_weight: np.ndarray  # (F,) how much each triangle samples its mirror instead
+    shell: HeadShell  # control points on the head around the face
+    still: np.ndarray  # (A, 2) points that stay still: the image border and the background away from the head
+    outer_field: ThinPlateField  # the outer warp through the moving control points and the still ones
+    mirror_allowed: np.ndarray  # (F,) bool: the triangle may take its mirror's pixels (inner face)
+    mirror_face: np.ndarray  # (F,) each triangle's mirror triangle
+    source_pixels: np.ndarray  # (F,) pixels of each triangle the portrait shows (0: hidden or turned away)
     mirror_gain: np.ndarray  # (F, 3) colour gain applied to mirrored samples
     lip_colour: np.ndarray  # (3,)
     lid_colour: np.ndarray  # (2, 3) skin just above each eye
@@ -120,9 +125,29 @@ def _mirror_gains(parts: MeshParts, quality: np.ndarray, mirror: np.ndarray, col
     return gains.astype(np.float32)
 
 
+def _background_anchors(head_alpha: np.ndarray, lattice: int = 16, margin: float = 0.1) -> np.ndarray:
+    """(A, 2) lattice points well away from the head matte: the background and the body, which stay still.
+    ``margin`` (of the image side) leaves room for the head to move over the background next to it."""
+    import cv2
+
+    size = head_alpha.shape[0]
+    radius = max(1, int(round(margin * size)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    grown = cv2.dilate((head_alpha > 0.05).astype(np.uint8), kernel)
+    axis = (np.arange(lattice) + 0.5) * size / lattice - 0.5
+    gx, gy = np.meshgrid(axis, axis)
+    points = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    idx = np.clip(np.rint(points).astype(int), 0, size - 1)
+    return points[grown[idx[:, 1], idx[:, 0]] == 0]
+
+
 def prepare_source(image: np.ndarray, K: np.ndarray, rotation: np.ndarray, translation: np.ndarray,
-                   vertices_cam: np.ndarray, parts: MeshParts, settings: WarpSettings) -> SourceFace:
-    """Precompute the portrait's side of every frame's warp from its tracked mesh (camera space)."""
+                   vertices_cam: np.ndarray, parts: MeshParts, settings: WarpSettings,
+                   head_alpha: np.ndarray | None = None) -> SourceFace:
+    """Precompute the portrait's side of every frame's warp from its tracked mesh (camera space).
+
+    head_alpha: optional (S, S) head matte of the portrait (face, hair, ears; 0 on background and body): the head
+    shell reaches out to its edge, and the background away from it is pinned still."""
     size = image.shape[0]
     rotation = np.asarray(rotation, np.float64)
     translation = np.asarray(translation, np.float64)
@@ -136,31 +161,50 @@ def prepare_source(image: np.ndarray, K: np.ndarray, rotation: np.ndarray, trans
     # level with the ears), not about the face surface.
     oval = local[parts.face_oval]
     pivot = np.array([oval[:, 0].mean(), oval[:, 1].mean(), local[:, 2].min() + settings.pivot_depth * face_width])
-    rings = head_rings(local, parts.face_oval, face_width, settings.neck_follow)
-    rings2d = project(K, rings.points @ rotation.T + translation)
+    shell = build_shell(local, points2d, parts.face_oval, pivot, face_width_px, K, rotation, translation,
+                        head_alpha, settings.neck_follow, size)
+    anchors = _background_anchors(head_alpha) if head_alpha is not None else np.zeros((0, 2))
+    still = np.concatenate([border_points(size), anchors])
 
     keep = facing_camera(vertices_cam, faces) > 0
     ids = rasterise_ids(points2d, vertices_cam[:, 2], faces, (size, size), keep)
     pixels, colours = _triangle_means(image.astype(np.float64), ids, len(faces))
     quality = _visibility(vertices_cam, points2d, faces, ids, pixels)
     mirror = _mirror_faces(faces, parts.symmetry)
-    mirror_quality = quality[mirror]
-    weight = smoothstep((mirror_quality - quality - 0.15) / 0.25) * smoothstep((0.45 - quality) / 0.25)
-    if not settings.symmetry_fill:
-        weight = np.zeros_like(weight)
+    # Only the inner face (eyes, mouth) borrows its mirror's pixels: those features are symmetric and
+    # a smooth fill would erase them. The cheeks are smooth anyway, and towards the face's edge the mirror
+    # carries hair or background (the mesh's outline never sits exactly on the face's), so they do not.
+    # The nose is left out too: its two sides are lit differently and its mirrored edge reads as a second nose.
+    centre_x = np.median(local[:, 0])
+    inner = (np.abs(local[faces, 0] - centre_x) < 0.3 * face_width).all(axis=1) & ~parts.nose_faces
     gains = _mirror_gains(parts, quality, mirror, colours, pixels)
 
     lips = np.isin(faces, parts.lips_inner).any(axis=1) & ~parts.mouth_faces
     lip_colour = _weighted_mean(colours, pixels, lips, fallback=np.array([150.0, 80.0, 80.0]))
-    lid = np.stack([_weighted_mean(colours, pixels, above, fallback=colours[pixels > 0].mean(0) if (pixels > 0).any()
-                                   else np.array([180.0, 140.0, 120.0])) for above in parts.above_eye_faces])
+    lid = np.stack([_skin_colour(image, ids, skin) for skin in parts.lid_skin_faces])
     return SourceFace(
         image=np.ascontiguousarray(image), K=np.asarray(K, np.float64), rotation=rotation, translation=translation,
         local=local, points2d=points2d, face_width=face_width, face_width_px=face_width_px, pivot=pivot,
-        parts=parts, rings=rings, rings2d=rings2d, border=border_points(size), mirror_weight=weight.astype(np.float32),
+        parts=parts, shell=shell, still=still,
+        outer_field=ThinPlateField(still, size, settings.field_grid), mirror_allowed=inner, mirror_face=mirror,
+        source_pixels=pixels.astype(np.float32),
         mirror_gain=gains, lip_colour=lip_colour.astype(np.float32), lid_colour=lid.astype(np.float32),
         mouth_open_px=contour_opening(points2d, parts.lips_inner),
         eye_open_px=np.array([contour_opening(points2d, e) for e in parts.eyes]), settings=settings)
+
+
+def _skin_colour(image: np.ndarray, ids: np.ndarray, select: np.ndarray) -> np.ndarray:
+    """Mean colour of the brighter half of the pixels of the ``select``ed triangles (skin, not lashes or the
+    lid crease's shadow); the mean of the whole face when none are visible."""
+    covered = ids >= 0
+    mask = covered & select[np.where(covered, ids, 0)]
+    if mask.sum() < 4:
+        mask = covered
+    pixels = image[mask].astype(np.float64)
+    if len(pixels) == 0:
+        return np.array([180.0, 140.0, 120.0])
+    luma = pixels @ np.array([0.299, 0.587, 0.114])
+    return pixels[luma >= np.median(luma)].mean(axis=0)
 
 
 def _weighted_mean(colours: np.ndarray, pixels: np.ndarray, select: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -176,7 +220,7 @@ class FrameInfo:
 
     mouth_fill: float
     eye_fill: np.ndarray
-    mirror_fraction: float
+    unseen_fraction: float
     points2d: np.ndarray
 
 
@@ -188,53 +232,77 @@ def target_vertices(src: SourceFace, rotation_delta: np.ndarray, offsets_local: 
     return head @ np.asarray(rotation_delta, np.float64).T + centre
 
 
-def _radial_control(points2d: np.ndarray, oval: np.ndarray, ids: np.ndarray, face_width_px: float,
-                    rings: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Where the outer field takes over from each face-oval vertex, and which head-ring points stay visible.
+def _radial_control(src: SourceFace, raster: "_Raster", depth: np.ndarray, rings: list[np.ndarray],
+                    roll: float) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Where the outer field takes over from each face-oval vertex and from each head-ring point.
 
     A face-oval vertex that the turned face hides (the far cheek) is moved out along the ray from the face's
     centre to the first pixel outside the visible face: the background and hair beyond the far cheek then
     start right at the visible silhouette instead of the hidden band of face showing a second time outside it.
-    A ring point is kept only when it lies further out along its ray than the points inside it (the face hides
-    it otherwise), so the control points never fold over each other. Returns the oval targets (O, 2) and, per
-    ring, a keep mask (O,)."""
+    A ring point that comes closer to the points inside it than it was in the portrait (it turns behind them) is
+    moved out just beyond them: what it carries appears right at the silhouette, and the control points never
+    fold over each other. Returns the oval targets (O, 2) and the rings' targets."""
+    ids, points2d, oval = raster.ids, raster.points2d, src.parts.face_oval
     size = ids.shape[0]
     start = points2d[oval]
     centre = points2d.mean(axis=0)
-    direction = start - centre
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True) + 1e-9
-    steps = np.arange(0.0, 0.5 * face_width_px + 1.0, 1.0)
+    # Rays from the portrait (turned by the head's roll): in the frame a hidden far-side vertex may project
+    # near the face's centre, where its own direction would point anywhere.
+    src_centre = src.points2d.mean(axis=0)
+    src_direction = src.points2d[oval] - src_centre
+    src_direction /= np.linalg.norm(src_direction, axis=1, keepdims=True) + 1e-9
+    c, s = np.cos(roll), np.sin(roll)
+    direction = src_direction @ np.array([[c, s], [-s, c]])
+    # Hidden: the face drawn at the vertex's pixel is nearer than the vertex itself.
+    pix = np.clip(np.rint(start).astype(int), 0, size - 1)
+    covered = ids[pix[:, 1], pix[:, 0]] >= 0
+    hidden = np.zeros(len(oval), bool)
+    if covered.any():
+        _, _, front = interpolate(ids, raster.bary, src.parts.faces, depth[:, None], pix[covered, 1], pix[covered, 0])
+        hidden[covered] = front[:, 0] < depth[oval][covered] - 0.02 * src.face_width
+    steps = np.arange(0.0, 0.5 * src.face_width_px + 1.0, 1.0)
     probe = start[:, None, :] + steps[None, :, None] * direction[:, None, :]  # (O, S, 2)
     col = np.clip(np.rint(probe[..., 0]).astype(int), 0, size - 1)
     row = np.clip(np.rint(probe[..., 1]).astype(int), 0, size - 1)
     outside = ids[row, col] < 0
     first = np.where(outside.any(axis=1), outside.argmax(axis=1), len(steps) - 1)
-    targets = start + steps[first][:, None] * direction
-    margin = 0.04 * face_width_px + 1.0
+    targets = np.where(hidden[:, None], start + steps[first][:, None] * direction, start)
+    # The gaps between consecutive rings in the portrait, measured the same way, bound the pushes.
+    src_reach = ((src.points2d[oval] - src_centre) * src_direction).sum(axis=1)
     reach = ((targets - centre) * direction).sum(axis=1)
-    keeps = []
-    for ring in rings:
+    count = len(oval)
+    moved = []
+    for k, ring in enumerate(rings):
+        src_radial = ((src.shell.points2d[k * count:(k + 1) * count] - src_centre) * src_direction).sum(axis=1)
+        least = np.minimum(0.05 * src.face_width_px + 1.0, 0.5 * np.maximum(src_radial - src_reach, 0.0))
         radial = ((ring - centre) * direction).sum(axis=1)
-        keep = radial > reach + margin
-        keeps.append(keep)
-        reach = np.where(keep, radial, reach)
-    return targets, keeps
+        push = np.maximum(reach + least - radial, 0.0)
+        moved.append(ring + push[:, None] * direction)
+        reach, src_reach = radial + push, src_radial
+    return targets, moved
 
 
-def _outer_field(src: SourceFace, rotation_delta: np.ndarray, points2d: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def _outer_field(src: SourceFace, rotation_delta: np.ndarray, raster: "_Raster", depth: np.ndarray) -> np.ndarray:
     """(S, S, 2) backward displacement outside the mesh (thin-plate spline through the control points)."""
     oval = src.parts.face_oval
+    rotation_delta = np.asarray(rotation_delta, np.float64)
     centre = src.rotation @ src.pivot + src.translation
-    rigid = ((src.rings.points - src.pivot) @ src.rotation.T) @ np.asarray(rotation_delta, np.float64).T + centre
-    rigid2d = project(src.K, rigid)
-    ring_target = src.rings2d + src.rings.follow[:, None] * (rigid2d - src.rings2d)
+    shell = src.shell
+    rigid = ((shell.points - src.pivot) @ src.rotation.T) @ rotation_delta.T + centre
+    moved = project(src.K, rigid)
+    # Outline points keep their place on the (turn-invariant) outline and only roll with the head.
+    angle = in_plane_angle(rotation_delta)
+    pivot2d = project(src.K, centre[None])[0]
+    c, s = np.cos(angle), np.sin(angle)
+    rolled = (shell.points2d - pivot2d) @ np.array([[c, s], [-s, c]]) + pivot2d
+    moved = np.where(shell.outline[:, None], rolled, moved)
+    ring_target = shell.points2d + shell.follow[:, None] * (moved - shell.points2d)
     count = len(oval)
     per_ring = [ring_target[k * count:(k + 1) * count] for k in range(len(ring_target) // count)]
-    oval_target, keeps = _radial_control(points2d, oval, ids, src.face_width_px, per_ring)
-    keep = np.concatenate(keeps)
-    targets = np.concatenate([oval_target, ring_target[keep], src.border])
-    sources = np.concatenate([src.points2d[oval], src.rings2d[keep], src.border])
-    return thin_plate_field(targets, sources - targets, src.size, src.settings.field_grid)
+    oval_target, per_ring = _radial_control(src, raster, depth, per_ring, angle)
+    targets = np.concatenate([oval_target] + per_ring)
+    sources = np.concatenate([src.points2d[oval], shell.points2d])
+    return src.outer_field(targets, sources - targets)
 
 
 def _soft_inside(mask: np.ndarray, feather_px: float) -> np.ndarray:
@@ -279,18 +347,18 @@ def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.
     raster = _Raster(ids, barycentric_affines(points2d, faces), rows, cols, points2d)
 
     # Backward map: the smooth outer field everywhere, the exact mesh map inside the face.
-    sample = src.pixel_grid() + _outer_field(src, rotation_delta, points2d, ids)
+    sample = src.pixel_grid() + _outer_field(src, rotation_delta, raster, verts[:, 2])
     _, _, mesh_xy = raster.values(faces, src.points2d)
     inside = _soft_inside(ids >= 0, src.settings.feather_px)[rows, cols][:, None]
     sample[rows, cols] += inside * (mesh_xy - sample[rows, cols])
-    out = cv2.remap(src.image, sample[..., 0], sample[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = cv2.remap(src.image, sample[..., 0], sample[..., 1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
     out = out.astype(np.float32)
 
-    mirror_fraction = _mirror_fill(src, out, raster)
+    unseen_fraction = _unseen_fill(src, out, raster) if src.settings.symmetry_fill else 0.0
     eye_alpha = _eye_fill(src, out, raster) if src.settings.eye_fill else np.zeros(2)
     mouth_alpha = _mouth_fill(src, out, raster) if src.settings.mouth_fill else 0.0
     frame = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    return frame, FrameInfo(float(mouth_alpha), eye_alpha, mirror_fraction, points2d.astype(np.float32))
+    return frame, FrameInfo(float(mouth_alpha), eye_alpha, unseen_fraction, points2d.astype(np.float32))
 
 
 def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -304,25 +372,66 @@ def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[:, 0].astype(np.float32)
 
 
-def _mirror_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
-    """Resample the triangles the portrait shows badly from their mirror image; returns the share of face
-    pixels that did."""
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur; wide ones run on a downsampled copy (the result is smooth anyway)."""
     import cv2
 
+    factor = int(sigma // 3)
+    if factor < 2 or min(image.shape[:2]) < 4 * factor:
+        return cv2.GaussianBlur(image, (0, 0), sigma)
+    h, w = image.shape[:2]
+    small = cv2.resize(image, (max(1, w // factor), max(1, h // factor)), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / factor)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _unseen_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
+    """Face parts the portrait shows too small (turned away, hidden by the nose, or a sliver at the face's
+    edge) but the frame shows large: their pixels would be a smear of a few source pixels (often background).
+    Inside the face they take their mirror triangle's pixels where the portrait shows those well (brightness
+    matched); elsewhere a smooth continuation of the well-seen skin around them (normalised convolution).
+    Returns the share of face pixels that were filled."""
+    faces = src.parts.faces
+    area = np.abs(signed_areas(raster.points2d, faces))
+    stretch = area / (src.source_pixels + 1.0)
+    unseen = smoothstep((stretch - 2.5) / 1.5) * (area > 1.0)
     tri = raster.ids[raster.rows, raster.cols]
-    weight = src.mirror_weight[tri]
+    weight = unseen[tri]
     use = weight > 0.01
     if not use.any():
         return 0.0
-    r, c, xy = raster.values(src.parts.faces, src.points2d[src.parts.symmetry], use)
-    mirrored = _sample(src.image, xy) * src.mirror_gain[tri[use]]
-    # Feather the seam between direct and mirrored samples.
+    mirror_stretch = area / (src.source_pixels[src.mirror_face] + 1.0)
+    mirror_ok = src.mirror_allowed & (mirror_stretch < 2.5)
+    r, c, t = raster.rows[use], raster.cols[use], tri[use]
     r0, r1, c0, c1 = r.min(), r.max() + 1, c.min(), c.max() + 1
+    sigma = max(1.0, 0.02 * src.face_width_px)
+    # Feather the seams: a soft per-pixel weight inside the face.
     wmap = np.zeros((r1 - r0, c1 - c0), np.float32)
     wmap[r - r0, c - c0] = weight[use]
-    sigma = max(1.0, src.size / 256)
-    wmap = cv2.GaussianBlur(wmap, (0, 0), sigma)[r - r0, c - c0][:, None]
-    out[r, c] += wmap * (mirrored - out[r, c])
+    inside = (raster.ids[r0:r1, c0:c1] >= 0).astype(np.float32)
+    wmap = _blur(wmap, sigma) * inside
+    fill = out[r0:r1, c0:c1].copy()
+    mirrored = mirror_ok[t]
+    if mirrored.any():
+        sel = np.nonzero(use)[0][mirrored]
+        _, _, xy = raster.values(faces, src.points2d[src.parts.symmetry], sel)
+        fill[r[mirrored] - r0, c[mirrored] - c0] = _sample(src.image, xy) * src.mirror_gain[t[mirrored]]
+    smooth = ~mirrored
+    if smooth.any():
+        # Normalised convolution of the well-seen face pixels around the patch (pad by a margin of context).
+        pad = int(np.ceil(0.15 * src.face_width_px))
+        R0, R1 = max(r0 - pad, 0), min(r1 + pad, src.size)
+        C0, C1 = max(c0 - pad, 0), min(c1 + pad, src.size)
+        seen = (raster.ids[R0:R1, C0:C1] >= 0).astype(np.float32)
+        seen[r - R0, c - C0] *= 1.0 - weight[use]
+        blur = max(2.0, 0.06 * src.face_width_px)
+        num = _blur(out[R0:R1, C0:C1] * seen[..., None], blur)
+        den = _blur(seen, blur)[..., None]
+        continued = num / np.maximum(den, 1e-3)
+        rr, cc = r[smooth], c[smooth]
+        fill[rr - r0, cc - c0] = continued[rr - R0, cc - C0]
+    patch = out[r0:r1, c0:c1]
+    patch += wmap[..., None] * (fill - patch)
     return float(weight.sum() / max(len(tri), 1))
 
 
@@ -342,9 +451,20 @@ def _eye_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> np.ndarray:
         alphas[k] = alpha
         if alpha <= 0.0:
             continue
-        sel = src.parts.eye_face_owner[tri] == k
+        # The eye's opening, and (less) the stretched lid above it, whose lashes would smear down, become lid
+        # skin, with soft edges.
+        opening = src.parts.eye_face_owner[tri] == k
+        lid = src.parts.above_eye_faces[k][tri]
+        sel = opening | lid
         r, c = raster.rows[sel], raster.cols[sel]
-        out[r, c] += alpha * (src.lid_colour[k] - out[r, c])
+        r0, r1, c0, c1 = r.min(), r.max() + 1, c.min(), c.max() + 1
+        pad = int(np.ceil(2 * max(1.0, 0.01 * src.face_width_px)))
+        r0, c0, r1, c1 = max(r0 - pad, 0), max(c0 - pad, 0), min(r1 + pad, src.size), min(c1 + pad, src.size)
+        weight = np.zeros((r1 - r0, c1 - c0), np.float32)
+        weight[r - r0, c - c0] = np.where(opening[sel], 1.0, 0.6)
+        weight = cv2.GaussianBlur(weight, (0, 0), max(0.7, 0.01 * src.face_width_px)) * alpha
+        patch = out[r0:r1, c0:c1]
+        patch += weight[..., None] * (src.lid_colour[k] - patch)
         # The closed lids meet in a dark lash line along the lower lid.
         upper = src.parts.upper_lid[k]
         lower = np.setdiff1d(contour, upper)
