@@ -110,22 +110,14 @@ class Grid(BaseModel):
 
 def load_grid(path: Path) -> Grid:
     """The grid with every path made absolute (relative paths are relative to the grid file's folder)."""
-    import yaml
+    from ophav_core.config import format_validation, load_yaml_mapping
 
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise UsageError(f"cannot read grid {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"grid {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"grid {path} must be a mapping at the top level")
+    data = load_yaml_mapping(path, "grid")
     try:
         grid = Grid(**data)
     except ValidationError as exc:
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or '(grid)'}: {e['msg']}" for e in exc.errors()]
-        raise UsageError(f"grid {path}: " + "; ".join(parts)) from None
+        raise UsageError(format_validation(exc, f"grid {path}")) from None
     here = path.resolve().parent
     absolute = lambda p: str((here / p).resolve()) if p is not None else None  # noqa: E731
     grid.portraits = [absolute(p) for p in grid.portraits]

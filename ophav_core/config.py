@@ -62,7 +62,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _format_validation(error: ValidationError, where: str) -> str:
+def format_validation(error: ValidationError, where: str) -> str:
     parts = []
     for item in error.errors():
         loc = ".".join(str(p) for p in item["loc"]) or "(value)"
@@ -70,19 +70,24 @@ def _format_validation(error: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
+def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML (or JSON) file whose top level is a mapping; UsageError naming ``what`` and the file otherwise."""
     import yaml
 
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
-        raise UsageError(f"cannot read config {path}: {exc.strerror}") from exc
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
-        raise UsageError(f"config {path} is not valid YAML: {exc}") from exc
+        raise UsageError(f"{what} {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise UsageError(f"config {path} must be a mapping at the top level")
+        raise UsageError(f"{what} {path} must be a mapping at the top level")
     return data
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    return load_yaml_mapping(path, "config")
 
 
 def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = None,
@@ -120,7 +125,7 @@ def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = 
     try:
         return RunConfig(**data)
     except ValidationError as exc:
-        raise UsageError(_format_validation(exc, "config")) from None
+        raise UsageError(format_validation(exc, "config")) from None
 
 
 @dataclass
@@ -162,7 +167,7 @@ def resolve_stage(registry: Registry, stage: str, choice: StageChoice) -> Resolv
     try:
         options = spec.options_model()(**choice.options)
     except ValidationError as exc:
-        raise UsageError(_format_validation(exc, f"{stage} {choice.name!r} options")) from None
+        raise UsageError(format_validation(exc, f"{stage} {choice.name!r} options")) from None
     return ResolvedStage(spec, options)
 
 
