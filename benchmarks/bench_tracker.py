@@ -52,7 +52,6 @@ def time_tracker(frames: np.ndarray, repeat: int) -> list[tuple[str, float]]:
         if best is None or tracker.last_timings.total < best.total:
             best = tracker.last_timings
     det = detect_landmarks(frames)
-    n = len(frames)
     return [
         ("first model load in a process (once)", cold),
         ("detect: mediapipe face mesh + upscale", best.detect),

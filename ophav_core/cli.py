@@ -14,7 +14,6 @@ from typing import Any, List, Optional
 import typer
 
 from ophav_core.errors import OphavError, UsageError
-from ophav_core.registry import STAGE_KEYS
 
 app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   help="ophav: one portrait in, an animatable photo-realistic 3D head avatar out.")

@@ -338,7 +338,7 @@ def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.
     """One output frame (S, S, 3) uint8 for a relative head rotation and head-space expression offsets (V, 3)."""
     import cv2
 
-    size, parts, faces = src.size, src.parts, src.parts.faces
+    size, faces = src.size, src.parts.faces
     verts = target_vertices(src, rotation_delta, offsets_local)
     points2d = project(src.K, verts)
     front = facing_camera(verts, faces) > 0.0
