@@ -20,6 +20,10 @@ pairs, exact distances for a short list) and stored in the checkpoint. It is exa
 every triangle within (nearest distance + voxel diagonal) of its centre; otherwise a neighbour of the true
 nearest triangle is used (a 10k-triangle head, G=32, K=16: 95% exact; excess distance mean 0.003%, max 0.7% of
 the head size).
+
+Backends: ``torch`` (this module, the reference; (N, K)-shaped tensors) and ``triton`` (the fused kernel of
+:mod:`ophav_insta.deform_triton`: same logic per point in registers, ~100x fewer memory passes), chosen by
+:func:`resolve_deform_backend` (``auto``: triton on CUDA when importable).
 """
 from __future__ import annotations
 
@@ -187,10 +191,43 @@ class MeshDeformer:
     near: float
     far: float
     compiled: Any = None  # torch.compile'd _deform_near, when enabled
+    backend: str = "torch"  # "torch" (reference) or "triton" (fused kernel, deform_triton.py)
+    _kernel_inputs: dict[str, Any] | None = None  # int32 / contiguous copies the Triton kernel reads
 
     def enable_compile(self) -> None:
-        """Fuse the many small elementwise kernels of the nearest-triangle test (dynamic point counts)."""
-        self.compiled = torch.compile(self._deform_near, dynamic=True)
+        """Fuse the many small elementwise kernels of the nearest-triangle test (dynamic point counts); only
+        the torch backend needs it (the Triton kernel is one fused kernel already)."""
+        if self.backend == "torch":
+            self.compiled = torch.compile(self._deform_near, dynamic=True)
+
+    def set_backend(self, name: str) -> str:
+        """Select ``auto`` | ``torch`` | ``triton`` (see :func:`resolve_deform_backend`); returns the choice."""
+        self.backend = resolve_deform_backend(name, self.canonical.device)
+        return self.backend
+
+    def kernel_inputs(self) -> dict[str, Any]:
+        """What the Triton kernel reads, built once: int32 faces and candidates, the grid box as a device tensor
+        (grid_min, extent: the reference's float32 values, passed without reading them on the host)."""
+        if self._kernel_inputs is None or self._kernel_inputs["faces"].device != self.faces.device:
+            self._kernel_inputs = {
+                "faces": self.faces.to(torch.int32).contiguous(),
+                "candidates": self.candidates.to(torch.int32).contiguous(),
+                "canonical": self.canonical.float().contiguous(),
+                "canonical_frames": self.canonical_frames.float().contiguous(),
+                "grid": torch.cat([self.grid_min, self.grid_max - self.grid_min]).float().contiguous(),
+            }
+        return self._kernel_inputs
+
+    def deform_triton(self, x_r: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor, with_face: bool = False
+                      ) -> tuple[torch.Tensor, ...]:
+        """The fused kernel on float32 points (same results as :meth:`_deform_near` up to float rounding);
+        ``with_face`` adds the chosen triangle and its distance (for tests)."""
+        from ophav_insta.deform_triton import deform_points
+
+        k = self.kernel_inputs()
+        return deform_points(x_r.float().contiguous(), frame.contiguous(), meshes.float().contiguous(), k["faces"],
+                             k["candidates"], k["canonical"], k["canonical_frames"], k["grid"], self.resolution,
+                             self.near, self.far, with_face)
 
     @classmethod
     def build(cls, canonical: np.ndarray, faces: np.ndarray, reference_meshes: np.ndarray, resolution: int, k: int,
@@ -232,6 +269,8 @@ class MeshDeformer:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # Every point goes through the candidate test (points outside the grid get closeness 0): compacting
         # the inside points would need a host sync per batch, which costs more on a GPU than the spare math.
+        if self.backend == "triton":  # registers only: no temporaries, so no chunking either
+            return self.deform_triton(x_r, frame, meshes)
         kernel = self.compiled or self._deform_near
         if x_r.shape[0] <= chunk:
             return kernel(x_r, frame, meshes)
@@ -259,6 +298,27 @@ class MeshDeformer:
         x_tri = q_c + rotate(self.canonical_frames[near.face].transpose(1, 2), local)
         closeness = (1.0 - smoothstep(self.near, self.far, near.distance)) * near.inside
         return p + closeness[:, None] * (x_tri - p), closeness
+
+
+def resolve_deform_backend(name: str, device: torch.device | str) -> str:
+    """``auto`` -> ``triton`` on CUDA when triton is importable, else ``torch``. ``triton`` explicitly needs
+    CUDA (or ``TRITON_INTERPRET=1``, for tests on the CPU)."""
+    import importlib.util
+    import os
+
+    cuda = torch.device(device).type == "cuda"
+    available = importlib.util.find_spec("triton") is not None
+    if name == "auto":
+        return "triton" if cuda and available else "torch"
+    if name == "triton":
+        if not available:
+            raise RuntimeError("deformation backend 'triton' needs the triton package")
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("deformation backend 'triton' needs CUDA (or TRITON_INTERPRET=1 for testing)")
+        return name
+    if name != "torch":
+        raise ValueError(f"unknown deformation backend {name!r}")
+    return name
 
 
 @dataclass

@@ -38,6 +38,7 @@ class _Loaded:
     template: Tracking
     background: str
     samples_per_ray: int
+    decode: Any = None  # torch.compile'd field.decode (option compile on CUDA)
 
 
 class InstaField(AvatarField):
@@ -68,6 +69,12 @@ class InstaField(AvatarField):
         except RuntimeError as exc:
             raise UsageError(f"insta: {exc}") from None
 
+    def _deform_backend(self, deformer) -> str:
+        try:
+            return deformer.set_backend(self.options.deform_backend)
+        except RuntimeError as exc:
+            raise UsageError(f"insta: {exc}") from None
+
     def _iterations(self, init: AvatarCheckpoint | None, iterations: int | None) -> int:
         if iterations is not None:
             return int(iterations)
@@ -87,6 +94,7 @@ class InstaField(AvatarField):
         total = self._iterations(init, iterations)
         trainer, previous = build_trainer(self.options, frames, masks, tracking, device, self.context.seed, backend,
                                           total, init.path if init is not None else None)
+        deform_backend = trainer.deformer.backend
         watch = Stopwatch(device)
         last_loss, last_mse = float("nan"), float("nan")
         with self.context.progress(total, "fit") as bar:
@@ -105,10 +113,11 @@ class InstaField(AvatarField):
             "total_iterations": int(previous.get("total_iterations", 0)) + total,
             "loss": last_loss if finite else None, "psnr": psnr(last_mse) if finite else None,
             "seconds": round(seconds, 3), "iterations_per_second": round(total / seconds, 2) if seconds > 0 else None,
-            "device": str(device), "backend": backend, "frames": len(frames),
+            "device": str(device), "backend": backend, "deform_backend": deform_backend, "frames": len(frames),
             "image_size": [int(s) for s in frames.size], "background": trainer.options.background,
             "occupied_fraction": round(trainer.occupancy.fraction(), 4),
             "samples_per_ray": round(trainer.samples_evaluated / max(trainer.rays_traced, 1), 2),
+            "samples_dropped": trainer.samples_dropped,
             "continued_from": str(init.path) if init is not None else None,
         }
         template = _template(tracking)
@@ -127,7 +136,8 @@ class InstaField(AvatarField):
 
         device = self._device()
         stat = Path(path).stat()
-        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, str(device), self.options.backend)
+        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, str(device), self.options.backend,
+               self.options.deform_backend, self.options.compile)
         if key in self._cache:
             return self._cache[key]
         ckpt = read_checkpoint(path)
@@ -141,9 +151,15 @@ class InstaField(AvatarField):
         occupancy = OccupancyGrid(resolution, tensors["cube_min"], geometry.cube_side, int(occupancy_state["dilation"]))
         occupancy.load_state(occupancy_state)
         trained = ckpt["options"]
-        loaded = _Loaded(field, _deformer_from_checkpoint(ckpt, device), geometry, occupancy,
-                         tracking_from_tensors(ckpt["template"]), str(trained.get("background", "white")),
-                         int(trained["samples_per_ray"]))
+        deformer = _deformer_from_checkpoint(ckpt, device)
+        self._deform_backend(deformer)
+        decode = None
+        if self.options.compile and device.type == "cuda":
+            import torch
+
+            decode = torch.compile(field.decode, dynamic=True)
+        loaded = _Loaded(field, deformer, geometry, occupancy, tracking_from_tensors(ckpt["template"]),
+                         str(trained.get("background", "white")), int(trained["samples_per_ray"]), decode)
         self._cache = {key: loaded}  # one avatar at a time: a new checkpoint frees the previous one
         return loaded
 
@@ -179,7 +195,8 @@ class InstaField(AvatarField):
             K_inv = f32(np.linalg.inv(request.K[i]))[None]
             out = render_image(model.field, model.deformer, model.geometry, model.occupancy,
                                FrameData(mesh, expression), K_inv, f32(request.rotation[i:i + 1]),
-                               f32(request.translation[i:i + 1]), (width, height), options, background, amp)
+                               f32(request.translation[i:i + 1]), (width, height), options, background, amp,
+                               model.decode)
             rgb[i] = (out[0] * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
             alpha[i], depth[i] = out[1].cpu().numpy(), out[2].cpu().numpy()
         return RenderResult(rgb=rgb, alpha=alpha, depth=depth)
@@ -232,6 +249,10 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
     voxel = geometry.cube_side / opt.occupancy_resolution
     displacement = float(np.linalg.norm(unposed - tracking.canonical_vertices[None], axis=-1).max())
     dilation = int(min(4, max(1, math.ceil(displacement / voxel))))
+    try:  # before the Trainer: it compiles only the torch deformation
+        deformer.set_backend(opt.deform_backend)
+    except RuntimeError as exc:
+        raise UsageError(f"insta: {exc}") from None
     scene = Scene.build(frames, masks, tracking, geometry, device)
     trainer = Trainer(opt, config, geometry, deformer, scene, device, seed, backend, iterations, field_state,
                       occupancy_state, dilation)

@@ -115,11 +115,16 @@ def _corners(device: torch.device) -> torch.Tensor:
     return _CORNER_CACHE[device]
 
 
-def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table rows (N, 8) and trilinear weights (N, 8) of the 8 corners around ``x`` (N, 3) at ``level``."""
+def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int, fused: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Table rows (N, 8) and trilinear weights (N, 8) of the 8 corners around ``x`` (N, 3) at ``level``.
+    ``fused``: round the float32 position once, as a GPU fused multiply-add does (else twice, as PyTorch)."""
     scale = float(layout.scales[level])  # a float32 value: the product below is the float32 one
     res, size = int(layout.resolutions[level]), int(layout.sizes[level])
-    pos = x * scale + 0.5
+    if fused and x.dtype == torch.float32:  # float32 x times a float32 scale is exact in float64
+        pos = (x.double() * scale + 0.5).float()
+    else:
+        pos = x * scale + 0.5
     cell = torch.floor(pos)
     frac = pos - cell
     cell = cell.to(torch.int64)
@@ -136,13 +141,15 @@ def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int) -> tuple[
     return index % size + int(layout.offsets[level]), weight
 
 
-def hash_encode_torch(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayout) -> torch.Tensor:
-    """Reference encoding of ``x`` (N, 3) in [0, 1] with ``table`` (entries, F): (N, L * F) float32.
+def hash_encode_torch(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayout, fused: bool = False
+                      ) -> torch.Tensor:
+    """Reference encoding of ``x`` (N, 3) in [0, 1] with ``table`` (entries, F): (N, L * F) in x's dtype
+    (float64 inputs give the exact encoding). ``fused``: see :func:`level_indices`.
 
     A loop over levels keeps the memory at O(N * 8) per level; autograd gives the table gradient."""
     outs = []
     for level in range(layout.levels):
-        index, weight = level_indices(x, layout, level)
+        index, weight = level_indices(x, layout, level, fused)
         values = table[index]  # (N, 8, F)
         outs.append((values * weight[..., None]).sum(dim=1))
     return torch.cat(outs, dim=1)
@@ -275,3 +282,21 @@ def encoding_bytes(layout: HashGridLayout, num_points: int, backward: bool) -> i
     if not backward:
         return forward
     return forward + num_points * (12 + layout.levels * (row + 8 * 2 * row))
+
+
+def position_rounding_bound(layout: HashGridLayout, table_abs_max: float) -> np.ndarray:
+    """Per level, an upper bound of |float32 encoding - exact encoding| (L,), for tables with entries in
+    [-table_abs_max, table_abs_max]: what comparisons between backends must tolerate.
+
+    A float32 backend computes the level position ``x * scale + 0.5`` with one rounding (a fused multiply-add,
+    as Triton and tiny-cuda-nn do on a GPU) or two (PyTorch): at most one float32 ulp of the largest position
+    ``scale + 0.5`` per axis (1.2e-4 at the finest 2048 level). Near a cell boundary the rounding may even pick
+    the neighbouring cell, but the trilinear interpolation is continuous there, so per axis the output moves
+    by at most that ulp times the largest difference of two table rows (2 * table_abs_max). The blend of 8
+    corners adds ~10 float32 epsilons of the table magnitude (16 taken). The exact reference is the float64
+    evaluation (``hash_encode_torch(x.double(), table.double(), layout)``: float32 x times a float32 scale is
+    exact in float64)."""
+    largest = (np.asarray(layout.scales, np.float64) + 0.5).astype(np.float32)
+    ulp = np.spacing(largest).astype(np.float64)
+    eps = float(np.finfo(np.float32).eps)
+    return (3.0 * ulp * 2.0 + 16.0 * eps) * float(table_abs_max)

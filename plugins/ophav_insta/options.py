@@ -73,14 +73,18 @@ class InstaOptions(BaseModel):
     occupancy_threshold: float = Field(0.01, gt=0, lt=1, description="a voxel is empty below this opacity per sample")
     occupancy_decay: float = Field(0.95, ge=0, le=1, description="decay of the occupancy densities per update")
     # ---- rendering
-    render_block: int = Field(32, ge=1, description="samples marched per step at render time (early termination "
-                              "between steps)")
+    render_block: int = Field(8, ge=1, description="occupied samples per ray evaluated in the first round of a "
+                              "render (the window doubles each round; rays that became opaque stop between rounds)")
     render_min_transmittance: float = Field(1e-3, ge=0, lt=1, description="a ray stops once its transmittance "
                                             "falls below this")
     render_chunk_rays: int = Field(1 << 18, ge=256, description="rays rendered at once")
     # ---- execution
     backend: Literal["auto", "torch", "triton", "tcnn"] = Field("auto", description="hash encoding backend; auto = "
                                                                 "tcnn if importable, else triton on CUDA, else torch")
+    deform_backend: Literal["auto", "torch", "triton"] = Field("auto", description="nearest-triangle deformation: "
+                                                              "auto = the fused triton kernel on CUDA when "
+                                                              "triton is importable, else torch (the reference)")
     amp: bool = Field(True, description="bf16 autocast for the MLPs on CUDA")
-    compile: bool = Field(False, description="torch.compile the MLPs and the deformation (CUDA only; experimental)")
+    compile: bool = Field(False, description="torch.compile the MLPs and the compositing + loss (and the torch "
+                          "deformation); CUDA only, ignored on the CPU")
     progress_every: int = Field(25, ge=1, description="iterations between progress updates (each syncs the GPU)")

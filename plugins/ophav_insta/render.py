@@ -6,18 +6,22 @@ is the camera depth z (directions have z = 1 in the camera). Distances in the de
 units of the head cube's side, so densities do not depend on the tracker's length unit.
 
 Training evaluates ``S`` stratified samples per ray, skips those in empty occupancy voxels, evaluates the field
-on the packed remainder only and composites in a dense (rays, S) layout (an exact per-ray cumulative sum).
-Rendering marches ``block`` samples at a time and drops rays whose transmittance fell below a threshold.
+on the packed remainder only and composites in a dense (rays, S) layout (an exact per-ray cumulative sum). On a
+GPU the packing has a fixed capacity, so a training step never waits for the GPU (see :func:`pack`).
+Rendering tests all samples against the occupancy grid first, then evaluates the field on occupied samples only,
+a growing window of them per ray and round, dropping rays that became opaque between rounds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ophav_insta.deform import rotate
+from ophav_insta.phases import phase
 
 # ---------------------------------------------------------------------------------------------- rays
 
@@ -41,16 +45,37 @@ class Rays:
         return Rays(self.origin[idx], self.direction[idx], self.frame[idx], self.near[idx], self.far[idx], self.hit[idx])
 
 
+@dataclass
+class Cameras:
+    """Per frame (B): ``to_head`` (B, 3, 3) = R^T K^-1 (pixel [u, v, 1] -> head-space direction), ``origin``
+    (B, 3) = -R^T t (camera centre in head space), ``z_row`` (B, 3) = the last row of K^-1 (camera z of a pixel's
+    ray, divided out so that the ray parameter is the camera depth)."""
+
+    to_head: torch.Tensor
+    origin: torch.Tensor
+    z_row: torch.Tensor
+
+    @classmethod
+    def build(cls, K_inv: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> "Cameras":
+        rot_t = rotation.transpose(1, 2)
+        to_head = (rot_t[:, :, :, None] * K_inv[:, None, :, :]).sum(dim=2)  # elementwise: exact float32, no TF32
+        return cls(to_head.contiguous(), -rotate(rot_t, translation), K_inv[:, 2].contiguous())
+
+
 def make_rays(u: torch.Tensor, v: torch.Tensor, frame: torch.Tensor, K_inv: torch.Tensor, rotation: torch.Tensor,
               translation: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor) -> Rays:
     """Rays through pixel centres (u, v) (R,) of frames ``frame`` (R,); K_inv (B, 3, 3), rotation (B, 3, 3),
-    translation (B, 3) per batch frame."""
+    translation (B, 3) per frame."""
+    return camera_rays(u, v, frame, Cameras.build(K_inv, rotation, translation), box_min, box_max)
+
+
+def camera_rays(u: torch.Tensor, v: torch.Tensor, frame: torch.Tensor, cameras: Cameras, box_min: torch.Tensor,
+                box_max: torch.Tensor) -> Rays:
+    """Rays through pixel centres (u, v) (R,) of frames ``frame`` (R,) (indices into ``cameras``): one gather
+    and one 3x3 product per ray (few kernels: this runs every training step)."""
     pix = torch.stack([u.float(), v.float(), torch.ones_like(u, dtype=torch.float32)], dim=-1)
-    d_cam = rotate(K_inv[frame], pix)
-    d_cam = d_cam / d_cam[:, 2:3]  # z = 1: the ray parameter is the camera depth
-    rot_t = rotation[frame].transpose(1, 2)
-    direction = rotate(rot_t, d_cam)
-    origin = -rotate(rot_t, translation[frame])
+    direction = rotate(cameras.to_head[frame], pix) / (cameras.z_row[frame] * pix).sum(dim=-1, keepdim=True)
+    origin = cameras.origin[frame]
     near, far, hit = ray_box(origin, direction, box_min, box_max)
     return Rays(origin, direction, frame, near, far, hit)
 
@@ -100,9 +125,15 @@ class OccupancyGrid:
         if not self.active:
             return inside
         res = self.resolution
-        cell = (rel * res).floor().long().clamp(0, res - 1)
-        flat = cell[:, 0] + res * (cell[:, 1] + res * cell[:, 2])
-        return inside & self.occupied[flat]
+        # int32 truncation = floor inside the cube (outside, the clamped cell is masked by `inside`).
+        cell = (rel * res).to(torch.int32).clamp_(0, res - 1)
+        return inside & self.occupied[(cell * self._strides(x.device)).sum(dim=-1)]
+
+    def _strides(self, device: torch.device) -> torch.Tensor:
+        if getattr(self, "_stride_cache", None) is None or self._stride_cache.device != device:
+            res = self.resolution
+            self._stride_cache = torch.tensor([1, res, res * res], dtype=torch.int32, device=device)
+        return self._stride_cache
 
     def cell_points(self, generator: torch.Generator | None, jitter: bool) -> torch.Tensor:
         """One point per voxel in unit-cube coordinates (N, 3), x fastest."""
@@ -149,9 +180,9 @@ class OccupancyGrid:
 
 
 class FieldFn(Protocol):
-    def __call__(self, x: torch.Tensor, frame: torch.Tensor, direction: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unposed points (M, 3), batch frames (M,), directions (M, 3) -> density (M,) in cube units, rgb (M, 3)."""
+    def __call__(self, x: torch.Tensor, ray: torch.Tensor, rays: Rays) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unposed points (M, 3) on rays ``ray`` (M,) (indices into ``rays``) -> density (M,) in cube units,
+        rgb (M, 3). Per-ray inputs (view direction, frame) come from ``rays``, so they are computed per ray."""
 
 
 @dataclass
@@ -160,7 +191,11 @@ class RayOutput:
     opacity: torch.Tensor  # (R,)
     depth: torch.Tensor  # (R,) sum of weight * t (divide by opacity for the expected depth)
     weights: torch.Tensor | None = None  # (R, S) training only
-    samples: int = 0  # field evaluations
+    samples: int | torch.Tensor = 0  # field evaluations of occupied samples (a device tensor: no sync)
+    occupied: int | torch.Tensor = 0  # occupied samples found (more than ``samples`` when a capacity cut some)
+    sigma_delta: torch.Tensor | None = None  # (R, S) training only: optical thickness per sample
+    colours: torch.Tensor | None = None  # (R, S, 3) training only
+    t: torch.Tensor | None = None  # (R, S) training only: sample parameters
 
 
 def composite(sigma_delta: torch.Tensor, rgb: torch.Tensor, t: torch.Tensor, log_transmittance: torch.Tensor | None = None
@@ -181,68 +216,147 @@ def sample_segment(rays: Rays, start: int, stop: int, count: int, jitter: torch.
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ray parameters (R, stop - start) of samples ``start..stop`` out of ``count`` spread over [near, far],
     and the sample spacing (R,) in head-space length."""
-    k = torch.arange(start, stop, device=rays.origin.device, dtype=torch.float32)
+    k = _arange(stop, rays.origin.device, torch.float32)[start:]
     offset = jitter if jitter is not None else 0.5
     span = rays.far - rays.near
     t = rays.near[:, None] + (k[None] + offset) / count * span[:, None]
     return t, span / count * rays.direction.norm(dim=-1)
 
 
-def _evaluate_segment(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, t: torch.Tensor, delta: torch.Tensor,
-                      cube_side: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Optical thickness (R, S) and colours (R, S, 3) of the samples ``t``; empty voxels are skipped."""
+_ARANGE: dict[tuple, torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached ``arange(n)``: the same constants every step, created once (no allocation or launch)."""
+    key = (n, str(device), dtype)
+    if key not in _ARANGE:
+        if len(_ARANGE) > 64:
+            _ARANGE.clear()
+        _ARANGE[key] = torch.arange(n, device=device, dtype=dtype)
+    return _ARANGE[key]
+
+
+def pack(keep: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """Positions of the ``True`` entries of ``keep`` (T,), in order: (slots, count).
+
+    ``capacity`` None: exactly the kept positions (``nonzero``: the host waits for the GPU to know how many),
+    and their number as an int.
+    ``capacity`` C: a fixed-size (C,) result without any host sync: the first C kept positions, padded with
+    T (callers write padded results to a discarded slot T); ``count`` (a 0-d device tensor) may exceed C, and
+    then the last kept positions are dropped. A stable sort puts the kept positions first in order."""
+    total = keep.numel()
+    if capacity is None:
+        slots = keep.nonzero().squeeze(1)
+        return slots, int(slots.numel())
+    capacity = min(int(capacity), total)
+    order = torch.sort((~keep).to(torch.uint8), stable=True).indices[:capacity]
+    return torch.where(keep[order], order, total), keep.sum()
+
+
+def evaluate_samples(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, t: torch.Tensor, delta: torch.Tensor,
+                     cube_side: float, capacity: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+    """Optical thickness (R, S) and colours (R, S, 3) of the samples ``t`` (R, S); samples in empty voxels (or
+    beyond ``capacity``, see :func:`pack`) are skipped and get zero thickness. Also returns the number of field
+    evaluations and of occupied samples (ints without a capacity, 0-d device tensors with one)."""
     num_rays, num_samples = t.shape
-    x = rays.origin[:, None, :] + t[..., None] * rays.direction[:, None, :]
-    flat_x = x.reshape(-1, 3)
-    keep = occupancy.lookup(flat_x) & rays.hit.repeat_interleave(num_samples)
-    idx = keep.nonzero().squeeze(1)
-    ray_of = torch.div(idx, num_samples, rounding_mode="floor")
-    sigma, rgb = field(flat_x[idx], rays.frame[ray_of], rays.direction[ray_of])
-    thickness = sigma.float() * (delta[ray_of] / cube_side)
     total = num_rays * num_samples
-    sigma_delta = torch.zeros(total, device=t.device, dtype=torch.float32).index_copy(0, idx, thickness)
-    colours = torch.zeros(total, 3, device=t.device, dtype=torch.float32).index_copy(0, idx, rgb.float())
-    return sigma_delta.view(num_rays, num_samples), colours.view(num_rays, num_samples, 3), int(idx.numel())
+    with phase("occupancy lookup"):
+        flat_x = (rays.origin[:, None, :] + t[..., None] * rays.direction[:, None, :]).reshape(-1, 3)
+        keep = occupancy.lookup(flat_x) & rays.hit[:, None].expand(num_rays, num_samples).reshape(-1)
+        slots, occupied = pack(keep, capacity)
+        sample = slots.clamp(max=total - 1) if capacity is not None else slots
+        ray = torch.div(sample, num_samples, rounding_mode="floor")
+        points = flat_x[sample]
+    sigma, rgb = field(points, ray, rays)
+    with phase("compositing + loss"):
+        thickness = sigma.float() * (delta[ray] / cube_side)
+        # Padded slots (== total) write to an extra row that is cut off: their values and gradients vanish.
+        sigma_delta = torch.zeros(total + 1, device=t.device, dtype=torch.float32).index_copy(0, slots, thickness)
+        colours = torch.zeros(total + 1, 3, device=t.device, dtype=torch.float32).index_copy(0, slots, rgb.float())
+        # (a Python scalar bound: creating a CUDA tensor from a host value would sync)
+        evaluated = occupied.clamp(max=slots.numel()) if capacity is not None else occupied
+    return (sigma_delta[:total].view(num_rays, num_samples), colours[:total].view(num_rays, num_samples, 3),
+            evaluated, occupied)
+
+
+def march_train_samples(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_samples: int, cube_side: float,
+                        generator: torch.Generator | None, capacity: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+    """All ``num_samples`` samples of every ray at once (stratified jitter): optical thicknesses (R, S),
+    colours (R, S, 3), sample parameters t (R, S), field evaluations and occupied samples. With a
+    ``capacity`` there is no host sync (see :func:`pack`)."""
+    with phase("sample rays"):
+        jitter = torch.rand(len(rays), num_samples, generator=generator, device=rays.origin.device)
+        t, delta = sample_segment(rays, 0, num_samples, num_samples, jitter)
+    sigma_delta, colours, evaluated, occupied = evaluate_samples(field, occupancy, rays, t, delta, cube_side, capacity)
+    return sigma_delta, colours, t, evaluated, occupied
 
 
 def march_train(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_samples: int, cube_side: float,
-                generator: torch.Generator | None) -> RayOutput:
-    """All samples at once (stratified jitter), weights kept for the regularisers."""
-    jitter = torch.rand(len(rays), num_samples, generator=generator, device=rays.origin.device)
-    t, delta = sample_segment(rays, 0, num_samples, num_samples, jitter)
-    sigma_delta, colours, count = _evaluate_segment(field, occupancy, rays, t, delta, cube_side)
+                generator: torch.Generator | None, capacity: int | None = None) -> RayOutput:
+    """:func:`march_train_samples` composited; weights and per-sample values kept for the losses."""
+    sigma_delta, colours, t, evaluated, occupied = march_train_samples(field, occupancy, rays, num_samples,
+                                                                       cube_side, generator, capacity)
     weights, rgb, opacity, depth, _ = composite(sigma_delta, colours, t)
-    return RayOutput(rgb, opacity, depth, weights, count)
+    return RayOutput(rgb, opacity, depth, weights, evaluated, occupied, sigma_delta, colours, t)
 
 
 @torch.no_grad()
 def march_render(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_samples: int, cube_side: float,
                  block: int, min_transmittance: float) -> RayOutput:
-    """Front to back in blocks of samples; rays stop when their transmittance drops below the threshold."""
+    """Occupancy first, then the field on occupied samples only, front to back with early termination.
+
+    All ``num_samples`` samples of every ray are tested against the occupancy grid at once (cheap: no field)
+    and ranked per ray. Then rounds evaluate, for the rays still alive, their next ``window`` occupied samples
+    (``block`` in the first round, doubling each round: at most ~log2(num_samples / block) + 1 rounds),
+    composited in order after what the rays absorbed so far (empty samples contribute nothing, so this equals
+    compositing all samples). After each round rays whose transmittance fell below ``min_transmittance`` or
+    with no occupied sample left are dropped: a ray that meets the surface stops after about one window of
+    evaluations instead of evaluating the whole occupied interior of the head. Two host syncs per round."""
     device, num = rays.origin.device, len(rays)
     rgb = torch.zeros(num, 3, device=device)
     opacity = torch.zeros(num, device=device)
     depth = torch.zeros(num, device=device)
     log_t = torch.zeros(num, device=device)
-    alive = rays.hit.nonzero().squeeze(1)
-    stop_log_t = -torch.log(torch.tensor(max(min_transmittance, 1e-30))).item()
-    count = 0
-    for start in range(0, num_samples, block):
-        if alive.numel() == 0:
-            break
-        sub = rays.index(alive)
-        t, delta = sample_segment(sub, start, min(start + block, num_samples), num_samples, None)
-        sigma_delta, colours, n = _evaluate_segment(field, occupancy, sub, t, delta, cube_side)
-        count += n
-        if n == 0:
-            continue
-        _, seg_rgb, seg_opacity, seg_depth, seg_total = composite(sigma_delta, colours, t, log_t[alive])
-        rgb.index_add_(0, alive, seg_rgb)
-        opacity.index_add_(0, alive, seg_opacity)
-        depth.index_add_(0, alive, seg_depth)
-        log_t.index_add_(0, alive, seg_total)
-        alive = alive[log_t[alive] < stop_log_t]
-    return RayOutput(rgb, opacity, depth, None, count)
+    stop_log_t = -float(np.log(max(min_transmittance, 1e-30)))
+    with phase("sample rays"):
+        t, delta = sample_segment(rays, 0, num_samples, num_samples, None)  # (R, S), (R,)
+    with phase("occupancy lookup"):
+        x = rays.origin[:, None, :] + t[..., None] * rays.direction[:, None, :]
+        occupied = occupancy.lookup(x.view(-1, 3)).view(num, num_samples) & rays.hit[:, None]
+        del x
+        rank = torch.cumsum(occupied, dim=1, dtype=torch.int32)  # 1-based rank of each occupied sample
+        per_ray = rank[:, -1]
+        alive = (per_ray > 0).nonzero().squeeze(1)
+    count, start, window = 0, 0, max(1, int(block))
+    while alive.numel() and start < num_samples:
+        stop = start + window
+        with phase("occupancy lookup"):
+            ranks = rank[alive]
+            chosen = occupied[alive] & (ranks > start) & (ranks <= stop)  # (A, S): this round's samples
+            row, sample = chosen.nonzero().unbind(1)
+            ray = alive[row]
+            slot = ranks[row, sample].long() - (start + 1)
+            sample_t = t[ray, sample]
+            points = rays.origin[ray] + sample_t[:, None] * rays.direction[ray]
+        count += int(ray.numel())
+        sigma, colour = field(points, ray, rays)
+        with phase("compositing + loss"):
+            width = min(window, num_samples)
+            shape = (alive.numel(), width)
+            seg_thickness = torch.zeros(shape, device=device).index_put_(
+                (row, slot), sigma.float() * (delta[ray] / cube_side))
+            seg_colour = torch.zeros(shape + (3,), device=device).index_put_((row, slot), colour.float())
+            seg_t = torch.zeros(shape, device=device).index_put_((row, slot), sample_t)
+            _, seg_rgb, seg_opacity, seg_depth, seg_total = composite(seg_thickness, seg_colour, seg_t, log_t[alive])
+            rgb.index_add_(0, alive, seg_rgb)
+            opacity.index_add_(0, alive, seg_opacity)
+            depth.index_add_(0, alive, seg_depth)
+            log_t.index_add_(0, alive, seg_total)
+            alive = alive[(log_t[alive] < stop_log_t) & (per_ray[alive] > stop)]
+        start, window = stop, window * 2
+    return RayOutput(rgb, opacity, depth, None, count, count)
 
 
 # ---------------------------------------------------------------------------------------------- regularisers

@@ -14,8 +14,12 @@ from ophav_core.stages.data import FrameSet, MaskSet, Tracking
 from ophav_insta.deform import MeshDeformer, unposed_vertices
 from ophav_insta.model import CanonicalField, FieldConfig, FrameData, Geometry, HeadField
 from ophav_insta.options import InstaOptions
-from ophav_insta.render import (OccupancyGrid, Rays, distortion_loss, make_rays, march_render, march_train,
-                                opacity_entropy)
+from ophav_insta.phases import phase
+from ophav_insta.render import (Cameras, OccupancyGrid, Rays, camera_rays, composite, distortion_loss, make_rays,
+                                march_render, march_train_samples, opacity_entropy)
+
+CAPACITY_HEADROOM = 1.25  # field evaluations per step = this times the recent peak of occupied samples
+CAPACITY_GRANULE = 4096  # capacities are multiples of this (fewer distinct shapes for torch.compile)
 
 
 def background_rgb(name: str, device) -> torch.Tensor:
@@ -55,7 +59,8 @@ def surface_points(vertices: torch.Tensor, faces: torch.Tensor, steps: int = 4) 
 @dataclass
 class Scene:
     """The training frames on the device. images uint8 (N, H, W, 3); masks uint8 (N, H, W); per frame:
-    rotation, translation, K_inv, unposed meshes, expressions, pixel rectangles; ``usable`` frame indices."""
+    rotation, translation, K_inv, cameras (the per-frame ray products), unposed meshes, expressions, pixel
+    rectangles; ``usable`` frame indices."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -66,6 +71,11 @@ class Scene:
     expressions: torch.Tensor
     rects: torch.Tensor
     usable: torch.Tensor
+    cameras: Cameras | None = None
+
+    def __post_init__(self) -> None:
+        if self.cameras is None:
+            self.cameras = Cameras.build(self.K_inv, self.rotation, self.translation)
 
     @classmethod
     def build(cls, frames: FrameSet, masks: MaskSet, tracking: Tracking, geometry: Geometry, device) -> "Scene":
@@ -89,8 +99,30 @@ class Batch:
     alpha: torch.Tensor  # (R,)
 
 
+def composite_and_loss(sigma_delta: torch.Tensor, colours: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                       alpha: torch.Tensor, background: torch.Tensor, huber_delta: float, lambda_alpha: float,
+                       lambda_distortion: float, lambda_entropy: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, photometric MSE) of a batch from its (R, S) optical thicknesses and colours: compositing over the
+    background, Huber photometric + alpha + distortion + entropy terms. Fixed shapes: ``torch.compile`` fuses
+    its ~50 small kernels (forward and backward) when enabled."""
+    weights, rgb, opacity, _, _ = composite(sigma_delta, colours, t)
+    rgb = rgb + (1.0 - opacity)[:, None] * background
+    loss = F.huber_loss(rgb, target, delta=huber_delta) / huber_delta
+    loss = loss + lambda_alpha * F.mse_loss(opacity, alpha)
+    if lambda_distortion > 0:
+        loss = loss + lambda_distortion * distortion_loss(weights).mean()
+    if lambda_entropy > 0:
+        loss = loss + lambda_entropy * opacity_entropy(opacity).mean()
+    return loss, F.mse_loss(rgb.detach(), target)
+
+
 class Trainer:
-    """One optimisation of the canonical field on a :class:`Scene`."""
+    """One optimisation of the canonical field on a :class:`Scene`.
+
+    On CUDA a step has no host sync: the occupied samples are packed into a fixed ``capacity`` (see
+    :func:`ophav_insta.render.pack`), adapted at each occupancy update (one sync per ``occupancy_update_every``
+    steps) to ``CAPACITY_HEADROOM`` times the peak occupied count seen since the previous one; samples beyond
+    it (rare) are dropped and counted in :attr:`samples_dropped`. On the CPU the exact count is used."""
 
     def __init__(self, options: InstaOptions, config: FieldConfig, geometry: Geometry, deformer: MeshDeformer,
                  scene: Scene, device, seed: int, backend: str, total_iterations: int,
@@ -122,33 +154,61 @@ class Trainer:
         self.background = background_rgb(options.background, self.device)
         self.amp = bool(options.amp and cuda)
         self.step_count = 0
-        self.samples_evaluated = 0
         self.rays_traced = 0
+        self._samples: int | torch.Tensor = 0
+        self._dropped: int | torch.Tensor = 0
+        self.samples_per_batch = self._rays_per_batch() * options.samples_per_ray
+        self.capacity: int | None = self.samples_per_batch if cuda else None
+        self._occupied_peak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._local: torch.Tensor | None = None
+        self._decode = self.field.decode
+        self._render_decode = None
+        self._loss_fn = composite_and_loss
         if options.compile and cuda:
-            for net in (self.field.density_net, self.field.color_net):
-                net.compile(dynamic=True)
+            self._decode = torch.compile(self.field.decode, dynamic=True)
+            self._render_decode = torch.compile(self.ema.decode, dynamic=True)
+            self._loss_fn = torch.compile(composite_and_loss, dynamic=False)
             deformer.enable_compile()
+
+    def _rays_per_batch(self) -> int:
+        per_frame = max(1, self.options.batch_rays // self.options.frames_per_batch)
+        return per_frame * max(1, self.options.batch_rays // per_frame)
+
+    @property
+    def samples_evaluated(self) -> int:
+        """Field evaluations of occupied samples since the last :meth:`reset_stats` (reading it syncs)."""
+        return int(self._samples)
+
+    @property
+    def samples_dropped(self) -> int:
+        """Occupied samples left out because they exceeded the capacity (reading it syncs)."""
+        return int(self._dropped)
+
+    def reset_stats(self) -> None:
+        self._samples, self._dropped, self.rays_traced = 0, 0, 0
 
     # ------------------------------------------------------------------ batches
 
     def sample_batch(self) -> Batch:
+        """``frames_per_batch`` random usable frames, the same number of random pixels in each one's head box.
+        Rays index the scene's frames directly (its meshes, expressions and cameras: nothing gathered per batch)."""
         opt, scene, gen, dev = self.options, self.scene, self.generator, self.device
         per_frame = max(1, opt.batch_rays // opt.frames_per_batch)
-        num_frames = max(1, opt.batch_rays // per_frame)
+        num_frames = max(1, opt.batch_rays // per_frame)  # num_frames * per_frame == _rays_per_batch()
+        if self._local is None:  # batch frame of each ray: the same every step
+            self._local = torch.arange(num_frames, device=dev).repeat_interleave(per_frame)
         pick = scene.usable[torch.randint(0, scene.usable.numel(), (num_frames,), generator=gen, device=dev)]
-        local = torch.arange(num_frames, device=dev).repeat_interleave(per_frame)
-        rect = scene.rects[pick][local]
-        rand = torch.rand(local.numel(), 2, generator=gen, device=dev)
-        u = rect[:, 0] + (rand[:, 0] * (rect[:, 2] - rect[:, 0] + 1).float()).long().clamp_min(0)
-        v = rect[:, 1] + (rand[:, 1] * (rect[:, 3] - rect[:, 1] + 1).float()).long().clamp_min(0)
-        u, v = torch.minimum(u, rect[:, 2]), torch.minimum(v, rect[:, 3])
-        frame = pick[local]
+        frame = pick[self._local]
+        rect = scene.rects[frame]
+        low, high = rect[:, :2], rect[:, 2:]
+        rand = torch.rand(frame.numel(), 2, generator=gen, device=dev)
+        uv = torch.minimum(low + (rand * (high - low + 1)).long(), high)  # uniform integer pixels in the box
+        u, v = uv.unbind(1)
         rgb = scene.images[frame, v, u].float() / 255.0
         alpha = scene.masks[frame, v, u].float() / 255.0
-        target = rgb * alpha[:, None] + self.background * (1.0 - alpha[:, None])
-        rays = make_rays(u, v, local, scene.K_inv[pick], scene.rotation[pick], scene.translation[pick],
-                         self.box_min, self.box_max)
-        return Batch(rays, FrameData(scene.meshes[pick], scene.expressions[pick]), target, alpha)
+        target = torch.lerp(self.background, rgb, alpha[:, None])  # composited over the background
+        rays = camera_rays(u, v, frame, scene.cameras, self.box_min, self.box_max)
+        return Batch(rays, FrameData(scene.meshes, scene.expressions), target, alpha)
 
     # ------------------------------------------------------------------ optimisation
 
@@ -158,34 +218,54 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(total loss, photometric MSE) of one batch, with gradients."""
+        """(total loss, photometric MSE) of one batch, with gradients (no host sync on CUDA)."""
         opt = self.options
-        head = HeadField(self.field, self.deformer, self.cube_min, self.geometry.cube_side, batch.frames)
+        head = HeadField(self.field, self.deformer, self.cube_min, self.geometry.cube_side, batch.frames,
+                         self._decode)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = march_train(head, self.occupancy, batch.rays, opt.samples_per_ray, self.geometry.cube_side,
-                              self.generator)
-        self.samples_evaluated += out.samples
+            sigma_delta, colours, t, evaluated, occupied = march_train_samples(
+                head, self.occupancy, batch.rays, opt.samples_per_ray, self.geometry.cube_side, self.generator,
+                self.capacity)
+        with phase("compositing + loss"):
+            loss, mse = self._loss_fn(sigma_delta, colours, t, batch.target, batch.alpha, self.background,
+                                      opt.huber_delta, opt.lambda_alpha, opt.lambda_distortion, opt.lambda_entropy)
+            self._count(evaluated, occupied)
         self.rays_traced += len(batch.rays)
-        rgb = out.rgb + (1.0 - out.opacity)[:, None] * self.background
-        loss = F.huber_loss(rgb, batch.target, delta=opt.huber_delta) / opt.huber_delta
-        loss = loss + opt.lambda_alpha * F.mse_loss(out.opacity, batch.alpha)
-        if opt.lambda_distortion > 0:
-            loss = loss + opt.lambda_distortion * distortion_loss(out.weights).mean()
-        if opt.lambda_entropy > 0:
-            loss = loss + opt.lambda_entropy * opacity_entropy(out.opacity).mean()
-        return loss, F.mse_loss(rgb.detach(), batch.target)
+        return loss, mse
+
+    def _count(self, evaluated: int | torch.Tensor, occupied: int | torch.Tensor) -> None:
+        self._samples = self._samples + evaluated
+        if self.capacity is not None:  # device tensors: accumulated without a sync
+            self._dropped = self._dropped + (occupied - evaluated)
+            torch.maximum(self._occupied_peak, occupied, out=self._occupied_peak)
+
+    def _adapt_capacity(self) -> None:
+        """Capacity = headroom x the peak occupied count since the last call (one sync per occupancy update);
+        before the occupancy grid is active every sample counts as occupied, so the full batch is kept."""
+        if self.capacity is None or not self.occupancy.active:
+            return
+        peak = int(self._occupied_peak)
+        self._occupied_peak.zero_()
+        wanted = int(np.ceil(peak * CAPACITY_HEADROOM / CAPACITY_GRANULE)) * CAPACITY_GRANULE
+        self.capacity = int(min(self.samples_per_batch, max(wanted, CAPACITY_GRANULE)))
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One iteration; returns (loss, mse) as device tensors (no sync)."""
         self._set_learning_rates()
-        loss, mse = self.loss(self.sample_batch())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.step_count += 1
-        self._update_ema()
+        with phase("sample rays"):
+            batch = self.sample_batch()
+        loss, mse = self.loss(batch)
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase("optimizer + EMA"):
+            self.optimizer.step()
+            self.step_count += 1
+            self._update_ema()
         if self.step_count % self.options.occupancy_update_every == 0:
-            self.update_occupancy(self.field, activate=self.step_count >= self.options.occupancy_warmup)
+            with phase("occupancy update"):
+                self.update_occupancy(self.field, activate=self.step_count >= self.options.occupancy_warmup)
+                self._adapt_capacity()
         return loss.detach(), mse
 
     @torch.no_grad()
@@ -227,7 +307,7 @@ class Trainer:
         return render_image(field or self.ema, self.deformer, self.geometry, self.occupancy,
                             FrameData(scene.meshes[pick], scene.expressions[pick]), scene.K_inv[pick],
                             scene.rotation[pick], scene.translation[pick], (width, height), self.options,
-                            self.background, self.amp)[:2]
+                            self.background, self.amp, self._render_decode if field is None else None)[:2]
 
     def target(self, index: int, scene: Scene | None = None) -> torch.Tensor:
         """(H, W, 3) frame ``index`` composited over the background with its mask, in [0, 1]."""
@@ -239,30 +319,34 @@ class Trainer:
 @torch.no_grad()
 def render_image(field: CanonicalField, deformer: MeshDeformer, geometry: Geometry, occupancy: OccupancyGrid,
                  frames: FrameData, K_inv: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
-                 size: tuple[int, int], options: InstaOptions, background: torch.Tensor, amp: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 size: tuple[int, int], options: InstaOptions, background: torch.Tensor, amp: bool,
+                 decode=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render one frame (batch of size 1 in ``frames``/K_inv/rotation/translation): rgb (H, W, 3) composited over
-    ``background``, opacity (H, W), depth (H, W) (camera z, 0 where empty)."""
+    ``background``, opacity (H, W), depth (H, W) (camera z, 0 where empty). Rays that miss the head box are
+    dropped first; the rest are marched in chunks of ``render_chunk_rays`` (a whole 512x512 image is one)."""
     width, height = size
     device = K_inv.device
-    tensors = geometry.tensors(device)
-    v, u = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    u, v = u.reshape(-1), v.reshape(-1)
-    zeros = torch.zeros_like(u)
-    rays = make_rays(u, v, zeros, K_inv, rotation, translation, tensors["box_min"], tensors["box_max"])
-    head = HeadField(field, deformer, tensors["cube_min"], geometry.cube_side, frames)
+    with phase("sample rays"):
+        tensors = geometry.tensors(device)
+        v, u = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+        u, v = u.reshape(-1), v.reshape(-1)
+        rays = make_rays(u, v, torch.zeros_like(u), K_inv, rotation, translation, tensors["box_min"],
+                         tensors["box_max"])
+        hit = rays.hit.nonzero().squeeze(1)
+    head = HeadField(field, deformer, tensors["cube_min"], geometry.cube_side, frames, decode)
     rgb = torch.zeros(u.numel(), 3, device=device)
     opacity = torch.zeros(u.numel(), device=device)
     depth = torch.zeros(u.numel(), device=device)
-    hit = rays.hit.nonzero().squeeze(1)
     for start in range(0, hit.numel(), options.render_chunk_rays):
         idx = hit[start:start + options.render_chunk_rays]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = march_render(head, occupancy, rays.index(idx), options.samples_per_ray, geometry.cube_side,
                                options.render_block, options.render_min_transmittance)
-        rgb[idx], opacity[idx], depth[idx] = out.rgb, out.opacity, out.depth
-    rgb = rgb + (1.0 - opacity)[:, None] * background
-    depth = torch.where(opacity > 1e-3, depth / opacity.clamp_min(1e-6), torch.zeros_like(depth))
+        with phase("compositing + loss"):
+            rgb[idx], opacity[idx], depth[idx] = out.rgb, out.opacity, out.depth
+    with phase("compositing + loss"):
+        rgb = rgb + (1.0 - opacity)[:, None] * background
+        depth = torch.where(opacity > 1e-3, depth / opacity.clamp_min(1e-6), torch.zeros_like(depth))
     return (rgb.clamp(0, 1).view(height, width, 3), opacity.clamp(0, 1).view(height, width),
             depth.view(height, width))
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 from ophav_talkinghead.layers import (AntiAliasDownsample, DownBlock2d, Hourglass, ResBlock2d, SameBlock2d,
                                       UpBlock2d, coordinate_grid_2d, heatmap_expectation, keypoint_gaussians,
                                       spatial_softmax)
@@ -31,6 +32,11 @@ VOX_256: dict[str, Any] = {
 }
 
 Keypoints = dict[str, torch.Tensor]  # {"value": (B, K, 2), "jacobian": (B, K, 2, 2)}
+
+def _inverse(matrices: torch.Tensor) -> torch.Tensor:
+    """Inverse of 2x2 Jacobians in float32 (linalg.inv has no bfloat16/float16 kernels; under autocast the
+    Jacobians come out in low precision)."""
+    return torch.inverse(matrices.float()).to(matrices.dtype)
 
 
 def merge_params(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -104,7 +110,7 @@ class DenseMotionNetwork(nn.Module):
         b = kp_driving["value"].shape[0]
         offset = grid[None, None] - kp_driving["value"][:, :, None, None, :]
         if "jacobian" in kp_driving and kp_driving["jacobian"] is not None:
-            jac = kp_source["jacobian"] @ torch.inverse(kp_driving["jacobian"])  # (B, K, 2, 2)
+            jac = kp_source["jacobian"] @ _inverse(kp_driving["jacobian"])  # (B, K, 2, 2)
             offset = torch.einsum("bkij,bkhwj->bkhwi", jac, offset)
         to_source = offset + kp_source["value"][:, :, None, None, :]
         identity = grid[None, None].expand(b, 1, *grid.shape)
@@ -210,7 +216,7 @@ def relative_keypoints(kp_source: Keypoints, kp_driving: Keypoints, kp_driving_i
     """FOMM's relative motion transfer: the source keypoints moved as the driver moved since its first frame."""
     out = {"value": kp_source["value"] + (kp_driving["value"] - kp_driving_initial["value"]) * movement_scale}
     if relative_jacobian and "jacobian" in kp_driving:
-        change = kp_driving["jacobian"] @ torch.inverse(kp_driving_initial["jacobian"])
+        change = kp_driving["jacobian"] @ _inverse(kp_driving_initial["jacobian"])
         out["jacobian"] = change @ kp_source["jacobian"]
     elif "jacobian" in kp_driving:
         out["jacobian"] = kp_driving["jacobian"]
