@@ -417,7 +417,7 @@ def profile_mode(options: InstaOptions, device: torch.device, frames, masks, tra
 
 
 def quality(options: InstaOptions, device: torch.device, folder: Path, checkpoints: list[int], every: int,
-            eval_frames: int) -> dict:
+            eval_frames: int, sheet_dir: Path | None = None) -> dict:
     frames, masks, tracking = load_dataset(folder)
     (train_f, train_m, train_t), (held_f, held_m, held_t) = split(frames, masks, tracking, every)
     backend = resolve_backend(options.backend, device)
@@ -431,10 +431,13 @@ def quality(options: InstaOptions, device: torch.device, folder: Path, checkpoin
             continue
         elapsed += watch.elapsed()  # training time only, the evaluation below is not counted
         trainer.finalize()
-        full, head = [], []
+        full, head, tiles = [], [], []
         for i in pick:
             rgb, _ = trainer.render_frame(int(i), held_scene)
             target = trainer.target(int(i), held_scene)
+            if len(tiles) < 8:  # ground truth beside the render, for a person to compare
+                to_u8 = lambda t: (t.clamp(0, 1) * 255).byte().cpu().numpy()  # noqa: E731
+                tiles += [to_u8(target), to_u8(rgb)]
             err = ((rgb - target) ** 2).mean(dim=-1)
             mask = held_scene.masks[int(i)] > 127
             full.append(float(err.mean()))
@@ -443,6 +446,12 @@ def quality(options: InstaOptions, device: torch.device, folder: Path, checkpoin
                         "heldout_psnr_head": psnr(float(np.nanmean(head))), "frames": int(len(pick))})
         print(f"  {step:>7d} it  {elapsed:7.1f} s  held-out PSNR {results[-1]['heldout_psnr']:.2f} dB "
               f"(head {results[-1]['heldout_psnr_head']:.2f} dB)", flush=True)
+        if sheet_dir is not None:
+            import cv2
+
+            sheet = np.concatenate([np.concatenate(tiles[k:k + 2], axis=1) for k in range(0, len(tiles), 2)], axis=0)
+            sheet = cv2.resize(sheet, (sheet.shape[1] // 2, sheet.shape[0] // 2), interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(sheet_dir / f"heldout_{step}.jpg"), sheet[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
         watch = Stopwatch(device)
     return {"dataset": str(folder), "train_frames": len(train_f), "heldout_frames": len(held_f), "results": results}
 
@@ -496,7 +505,7 @@ def main() -> None:
 
     if args.quality is not None:
         report["quality"] = quality(options, device, args.quality, sorted(args.quality_iters), args.holdout_every,
-                                    args.eval_frames)
+                                    args.eval_frames, sheet_dir=args.out.parent if args.out else None)
     elif args.profile:
         frames, masks, tracking = synthetic_dataset(args.frames if cuda else 8, size)
         profile_mode(options, device, frames, masks, tracking, warmup, args.profile_steps if cuda else 16, report)
