@@ -255,7 +255,7 @@ class Scheduler:
             if self._stop(f"round{r}"):
                 return RunResult(self.root, avatar.path, self.timings, f"round{r}")
         final = self._step(manifest, "export", ["avatar/avatar.ckpt", "avatar/avatar.json", "preview.mp4"],
-                           lambda: self._export(avatar, portrait), lambda: self.root / "avatar/avatar.ckpt")
+                           lambda: self._export(avatar, frames.frames[0]), lambda: self.root / "avatar/avatar.ckpt")
         from ophav_core.report import write_report
 
         write_report(self.root, manifest.data, self.timings)
@@ -371,7 +371,7 @@ class Scheduler:
                           lambda: self._fit(restored, masks, views, avatar_rel, avatar),
                           lambda: self.component("field").load(self.root / avatar_rel))
 
-    def _export(self, avatar: AvatarCheckpoint, portrait: Portrait) -> Path:
+    def _export(self, avatar: AvatarCheckpoint, reference_image: np.ndarray) -> Path:
         target = self.root / "avatar/avatar.ckpt"
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(".avatar.ckpt.tmp")
@@ -387,8 +387,8 @@ class Scheduler:
             "render": f"ophav render {target} --views turntable --out turntable.mp4",
         }
         write_json(self.root / "avatar/avatar.json", description)
-        write_preview(self.root / "preview.mp4", self.component("field"), self.component("tracker"), avatar, portrait,
-                      self.resolved.profile.preview_frames, self.resolved.profile.fps)
+        write_preview(self.root / "preview.mp4", self.component("field"), self.component("tracker"), avatar,
+                      reference_image, self.resolved.profile.preview_frames, self.resolved.profile.fps)
         return target
 
 
@@ -417,9 +417,10 @@ def preview_motion(template: Tracking, tracker, frames: int, fps: float):
     return motion, expressions
 
 
-def write_preview(path: Path, field, tracker, avatar: AvatarCheckpoint, portrait: Portrait, frames: int,
+def write_preview(path: Path, field, tracker, avatar: AvatarCheckpoint, reference_image: np.ndarray, frames: int,
                   fps: float) -> None:
-    """preview.mp4: the portrait beside the avatar turning its head and going through expressions."""
+    """preview.mp4: the portrait (as the pipeline framed it: the coarse video's first frame) beside the avatar
+    turning its head and going through expressions."""
     from ophav_core.animate import requests_from_motion
     from ophav_core.media import square_resize, write_video
 
@@ -427,7 +428,7 @@ def write_preview(path: Path, field, tracker, avatar: AvatarCheckpoint, portrait
     request = requests_from_motion(avatar.template, motion, expressions)
     result = field.render(avatar, request)
     side = result.rgb.shape[1]
-    left = square_resize(portrait.image, side)
+    left = square_resize(reference_image, side)
     write_video(path, np.concatenate([np.repeat(left[None], len(result), 0), result.rgb], axis=2), fps)
 
 
