@@ -1,7 +1,6 @@
 """What every component shares: its options model and the context it runs in."""
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,9 +33,10 @@ class RunContext:
     quiet: bool = False
 
     def rng(self, salt: str = ""):
+        """A numpy generator for one purpose (``salt``), the same in every process for the same seed."""
         import numpy as np
 
-        return np.random.default_rng([self.seed, abs(hash_str(salt))])
+        return np.random.default_rng([self.seed, hash_str(salt)])
 
     def progress(self, total: int | None, description: str):
         from ophav_core.progress import progress_bar
@@ -63,4 +63,3 @@ class Component:
             options = self.Options(**(options or {}))
         self.options = options
         self.context = context or RunContext()
-        random.seed(self.context.seed)
