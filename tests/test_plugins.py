@@ -102,3 +102,15 @@ def test_our_plugins_come_from_the_entry_point_group():
     eps = {ep.name: ep.value for ep in metadata.entry_points(group="ophav")}
     assert eps.get("mediapipe") == "ophav_mediapipe.plugin"
     assert eps.get("insta") == "ophav_insta.plugin"
+
+
+def test_loading_every_shipped_plugin_imports_no_heavy_module():
+    import subprocess
+
+    code = ("import sys\nfrom ophav_core.plugins import build_host\nh = build_host()\n"
+            "assert not h.failures, [(p.name, p.error) for p in h.failures]\n"
+            "heavy = {'torch', 'cv2', 'mediapipe', 'av', 'matplotlib', 'scipy', 'gfpgan', 'basicsr', 'ray', 'lpips'}\n"
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & heavy)\nassert not bad, bad\n"
+            "assert len(list(h.registry)) >= 12\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
