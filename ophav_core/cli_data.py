@@ -27,14 +27,14 @@ def _context(stage_dir: Path, profile: str, device: str | None, quiet: bool):
 
 def _create(stage: str, name: str, sets: list[str], context):
     from ophav_core.config import StageChoice, resolve_stage
-    from ophav_core.config import _parse_value
+    from ophav_core.config import parse_value
 
     options = {}
     for item in sets:
         key, sep, raw = item.partition("=")
         head, _, rest = key.partition(".")
         if sep and head == stage and rest:
-            options[rest] = _parse_value(raw)
+            options[rest] = parse_value(raw)
     resolved = resolve_stage(get_host().registry, stage, StageChoice(name=name, options=options))
     return resolved.spec.create(resolved.options, context), resolved.spec
 

@@ -53,7 +53,7 @@ class RunConfig(BaseModel):
         return getattr(self, stage)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     import yaml
 
     try:
@@ -110,7 +110,7 @@ def build_config(file: str | Path | None = None, flags: dict[str, Any] | None = 
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. restorer.w=0.7 or rounds=3")
-        value = _parse_value(raw)
+        value = parse_value(raw)
         head, _, rest = key.partition(".")
         if head in STAGE_KEYS and rest:
             stage = data.setdefault(head, {"name": DEFAULT_COMPONENTS[head]})
