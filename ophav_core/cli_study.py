@@ -11,9 +11,13 @@ from ophav_core.errors import UsageError
 
 
 def _label_for(avatar: Path) -> str:
-    """runs/NAME/avatar/avatar.ckpt -> NAME; anything else -> the file's stem."""
+    """runs/NAME/avatar/avatar.ckpt -> NAME; a step's checkpoint inside a run (runs/NAME/round1/avatar.ckpt,
+    runs/NAME/fit/avatar.ckpt) -> NAME/round1, NAME/fit; anything else -> the file's stem."""
+    run = avatar.parent.parent
     if avatar.parent.name == "avatar" and avatar.stem == "avatar":
-        return avatar.parent.parent.name or avatar.stem
+        return run.name or avatar.stem
+    if avatar.stem == "avatar" and (run / "manifest.json").is_file():
+        return f"{run.name}/{avatar.parent.name}"
     return avatar.stem
 
 
