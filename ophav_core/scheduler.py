@@ -181,14 +181,17 @@ class Scheduler:
         start = time.perf_counter()
         try:
             value = compute()
-        except OSError as exc:
-            raise _io_error(exc, name) from exc
         except Exception as exc:
-            if type(exc).__name__ == "OutOfMemoryError":
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                manifest.save()
+            except OSError:
+                pass  # the disk may be what failed; the manifest on disk still says "running", never "done"
+            if isinstance(exc, OSError):
+                raise _io_error(exc, name) from exc
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda's, recognised without importing torch
                 raise OphavError(f"{name}: the GPU ran out of memory. Use a smaller profile (--profile preview), a "
                                  f"smaller batch (e.g. --set field.batch_rays=2048) or --device cpu") from exc
-            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            manifest.save()
             raise
         seconds = time.perf_counter() - start
         entry.update(status="done", seconds=round(seconds, 3), finished=_now(),

@@ -104,3 +104,9 @@ def test_full_disk_is_a_clear_error_and_keeps_finished_steps(fakes_env, portrait
     code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r"), *FAKES, "--resume"], capsys)
     assert code == 0, err
     assert fakes_env.CALLS["image2video"] == 1
+
+
+def test_gpu_out_of_memory_gives_advice(fakes_env, portrait_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPHAV_FAKE_CRASH", "fit0:out-of-memory")
+    code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r"), *FAKES], capsys)
+    assert code == 1 and "ran out of memory" in err and "batch_rays" in err and "Traceback" not in err

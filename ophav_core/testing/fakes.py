@@ -32,11 +32,17 @@ class CrashForTest(RuntimeError):
     pass
 
 
+class OutOfMemoryError(RuntimeError):
+    """Stands in for ``torch.cuda.OutOfMemoryError`` (the scheduler recognises it by name, without torch)."""
+
+
 def _maybe_crash(event: str) -> None:
     CALLS[event] += 1
     crash = os.environ.get("OPHAV_FAKE_CRASH")
     if crash == event:
         raise CrashForTest(f"simulated crash at {event}")
+    if crash == f"{event}:out-of-memory":
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     if crash == f"{event}:disk-full":
         import errno
 
