@@ -54,24 +54,7 @@ from ophav_insta.hashgrid import (HashGrid, HashGridLayout, encoding_bytes, hash
 from ophav_insta.options import InstaOptions  # noqa: E402
 from ophav_insta.phases import PhaseTimer  # noqa: E402
 from ophav_insta.train import Scene, Stopwatch, psnr  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(step: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from timing import median_time, synchronize  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- hash encoding
@@ -495,7 +478,7 @@ def main() -> None:
                            compile=bool(args.profile and args.compile == "on"),
                            log2_table=args.log2_table if args.log2_table else (19 if cuda else 14),
                            **({} if cuda else {"samples_per_ray": 32, "candidate_grid": 12, "occupancy_resolution": 32,
-                                               "occupancy_warmup": 60}))
+                                               "occupancy_warmup": 60})).resolved(cuda)
     report: dict = {"device": name, "torch": torch.__version__, "python": platform.python_version(),
                     "triton": _version("triton"), "options": options.model_dump()}
     print(f"device: {name}  torch {torch.__version__}  triton {report['triton']}  python {report['python']}  "
@@ -517,7 +500,7 @@ def main() -> None:
         print_encoding(report["encoding"], layout, points)
         frames, masks, tracking = synthetic_dataset(args.frames if cuda else 8, size)
         deform_points = args.deform_points or (1 << 20 if cuda else 1 << 14)
-        report["deform"] = bench_deform(device, tracking, options.resolved(cuda), deform_points, 10 if cuda else 2)
+        report["deform"] = bench_deform(device, tracking, options, deform_points, 10 if cuda else 2)
         print_deform(report["deform"])
         iters = args.train_iters if args.train_iters is not None else (300 if cuda else 10)
         report["training"] = []

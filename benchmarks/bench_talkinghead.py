@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,27 +23,9 @@ import torch  # noqa: E402
 from ophav_talkinghead.fomm_net import build_fomm  # noqa: E402
 from ophav_talkinghead.fv2v_net import (bins_to_degrees, build_facevid2vid, posed_keypoints,  # noqa: E402
                                         rotation_matrix)
+from timing import median_time  # noqa: E402
 
 SIZE = 256
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_step(step: Callable[[], torch.Tensor], device: torch.device, iters: int, warmup: int) -> float:
-    """Seconds per call of ``step`` (median of ``iters`` timed calls after ``warmup`` untimed ones)."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def facevid2vid_step(device: torch.device, batch: int, decoder: str) -> Callable[[], torch.Tensor]:
@@ -116,7 +97,7 @@ def main() -> None:
                 step = facevid2vid_step(device, batch, decoder=model.split("-", 1)[1])
             for precision in precisions:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    seconds = time_step(step, device, iters, warmup)
+                    seconds = median_time(step, device, iters, warmup)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
                 print(f"{model:<22}{precision:<11}{batch:>6}{seconds * 1000:>11.1f}"
                       f"{batch / seconds:>10.1f}{peak:>10.0f}")
