@@ -20,6 +20,12 @@ it is): the final avatar re-renders every Nth frame of the cell's own coarse vid
 against the portrait (identity preserved through the restore rounds) and AED/APD/AKD against the frames'
 tracking; with ``eval.driver`` also a cross-identity reenactment (``cross_*`` columns).
 
+Shared work is done once: cells that differ only after some step (the restorer, the number of rounds) take
+the finished steps they share from each other (the scheduler's step keys, see :mod:`ophav_core.scheduler`), and
+the executors start a cell only after the cell it shares the most steps with has finished. Three round counts
+for two restorers train the first avatar once per portrait, not six times. ``--no-reuse`` computes every cell
+from scratch (to measure how much runs vary, say).
+
 Resumable: a cell whose ``result.json`` says done is not run again; a failed cell is recorded with its error
 (``study.json``) and the others go on; it is retried (resuming its run) the next time. Executors: ``local``
 (in this process, or ``--gpus N`` worker processes, one per GPU, with ``CUDA_VISIBLE_DEVICES`` set) and ``ray``
@@ -252,9 +258,17 @@ def _registry():
     return get_host().registry
 
 
-def run_cell(cell: Cell, cell_dir: Path, registry=None, device: str | None = None) -> dict[str, Any]:
+def sibling_runs(cell_dir: Path) -> list[Path]:
+    """The other cells of the study: the runs a cell may take finished steps from."""
+    cell_dir = Path(cell_dir)
+    return sorted(p for p in cell_dir.parent.iterdir() if p != cell_dir and (p / "manifest.json").is_file())
+
+
+def run_cell(cell: Cell, cell_dir: Path, registry=None, device: str | None = None,
+             reuse: bool = True) -> dict[str, Any]:
     """Run (or resume) the cell's run and evaluate it; never raises for a failure of the cell itself: the
-    result says ``failed`` with the error. Writes ``result.json``."""
+    result says ``failed`` with the error. Writes ``result.json``. With ``reuse``, steps another cell of the
+    study finished with the same key are taken from it."""
     from ophav_core.scheduler import write_json
 
     cell_dir = Path(cell_dir)
@@ -262,7 +276,7 @@ def run_cell(cell: Cell, cell_dir: Path, registry=None, device: str | None = Non
     result: dict[str, Any] = {"cell": cell.id, "status": "running", "host": platform.node(), "pid": os.getpid(),
                               "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")}
     try:
-        result.update(_run_and_evaluate(cell, cell_dir, registry or _registry(), device))
+        result.update(_run_and_evaluate(cell, cell_dir, registry or _registry(), device, reuse))
         result["status"] = "done"
     except KeyboardInterrupt:
         raise
@@ -274,7 +288,7 @@ def run_cell(cell: Cell, cell_dir: Path, registry=None, device: str | None = Non
     return result
 
 
-def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None) -> dict[str, Any]:
+def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None, reuse: bool) -> dict[str, Any]:
     from ophav_core import evaluation
     from ophav_core.config import build_config, resolve
     from ophav_core.media import read_image, read_video
@@ -282,7 +296,8 @@ def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None) 
 
     write_cell_files(cell, cell_dir)
     resolved = resolve(build_config(cell_dir / "config.yaml"), registry)
-    scheduler = Scheduler(cell_dir, resolved, Path(cell.portrait), resume=True, quiet=True, device=device)
+    scheduler = Scheduler(cell_dir, resolved, Path(cell.portrait), resume=True, quiet=True, device=device,
+                          reuse=sibling_runs(cell_dir) if reuse else ())
     run = scheduler.run()
     settings = cell.eval
     field_c, tracker = scheduler.component("field"), scheduler.component("tracker")
@@ -302,7 +317,81 @@ def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None) 
         metrics.update({f"cross_{k}": v for k, v in cross.metrics.items()})
     evaluation.write_outputs(cell_dir / "eval", results, {"cell": cell.to_json()})
     return {"metrics": metrics, "rounds": resolved.rounds, "avatar": str(run.avatar),
-            "components": {s: r.spec.name for s, r in resolved.stages.items()}}
+            "components": {s: r.spec.name for s, r in resolved.stages.items()},
+            "reused": {step: info["from"] for step, info in scheduler.reused.items()},
+            "reused_seconds": round(sum(info["seconds"] for info in scheduler.reused.values()), 3)}
+
+
+# ---------------------------------------------------------------------------------------------- shared work
+
+
+def cell_step_keys(cell: Cell, registry) -> list[str]:
+    """The cell's step keys up to its last restore round (the export is each cell's own). The device is left
+    as a placeholder: within one study every cell runs on the same kind of device."""
+    from ophav_core.config import RunConfig, format_validation, resolve
+    from ophav_core.scheduler import step_keys
+
+    try:
+        config = RunConfig(**cell.config_data())
+    except ValidationError as exc:
+        raise UsageError(format_validation(exc, f"cell {cell.id}")) from None
+    resolved = resolve(config, registry)
+    keys = step_keys(resolved, Path(cell.portrait), device="study")
+    return [key for name, key in keys.items() if name != "export"]
+
+
+def reuse_plan(cells: list[Cell], keys: dict[str, list[str]]) -> tuple[list[Cell], dict[str, str | None]]:
+    """The order to start cells in and, per cell, the cell it waits for: the one it shares the most leading
+    steps with among the cells that come before it (fewer steps first, then grid order), so every shared step
+    is computed once and never two cells compute it at the same time. Cells without keys wait for nothing."""
+    index = {c.id: i for i, c in enumerate(cells)}
+    order = sorted(cells, key=lambda c: (len(keys.get(c.id, [])), index[c.id]))
+    provider: dict[str, str | None] = {}
+    for position, cell in enumerate(order):
+        mine, best, best_shared = keys.get(cell.id, []), None, 0
+        for other in order[:position]:
+            shared = 0
+            for a, b in zip(mine, keys.get(other.id, [])):
+                if a != b:
+                    break
+                shared += 1
+            if shared > best_shared:
+                best, best_shared = other.id, shared
+        provider[cell.id] = best
+    return order, provider
+
+
+def plan_cells(cells: list[Cell], registry) -> tuple[list[Cell], dict[str, str | None]]:
+    """:func:`reuse_plan` for these cells; a cell whose config does not resolve shares nothing."""
+    keys = {}
+    for cell in cells:
+        try:
+            keys[cell.id] = cell_step_keys(cell, registry)
+        except OphavError:
+            pass
+    return reuse_plan(cells, keys)
+
+
+class ReadyQueue:
+    """Cells in plan order; one is handed out once the cell it waits for has finished (done or failed) or is
+    not part of this execution."""
+
+    def __init__(self, cells: list[Cell], waits_for: dict[str, str | None]):
+        self.queue = list(cells)
+        self.waits_for = waits_for
+        self.unfinished = {c.id for c in cells}
+
+    def __bool__(self) -> bool:
+        return bool(self.queue)
+
+    def take(self) -> Cell | None:
+        for i, cell in enumerate(self.queue):
+            if self.waits_for.get(cell.id) not in self.unfinished:
+                return self.queue.pop(i)
+        return None
+
+    def finished(self, cell: Cell) -> None:
+        self.unfinished.discard(cell.id)
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -379,7 +468,7 @@ class Study:
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    keep = ("status", "error", "seconds", "host", "pid", "gpu", "rounds", "metrics")
+    keep = ("status", "error", "seconds", "host", "pid", "gpu", "rounds", "metrics", "reused_seconds")
     return {k: result[k] for k in keep if k in result}
 
 
@@ -389,27 +478,27 @@ OnResult = Callable[[Cell, dict[str, Any]], None]
 
 
 def run_sequential(study: Study, cells: list[Cell], on_result: OnResult, registry=None,
-                   device: str | None = None) -> None:
-    for cell in cells:
-        on_result(cell, run_cell(cell, study.cell_dir(cell), registry, device))
+                   device: str | None = None, reuse: bool = True) -> None:
+    for cell in cells:  # the plan's order: whatever a cell waits for comes before it
+        on_result(cell, run_cell(cell, study.cell_dir(cell), registry, device, reuse))
 
 
 def run_processes(study: Study, cells: list[Cell], on_result: OnResult, gpus: int,
-                  poll: float = 0.2) -> None:
-    """One worker process per GPU (``CUDA_VISIBLE_DEVICES`` = its index), fed from a queue of cells."""
-    queue = list(cells)
+                  waits_for: dict[str, str | None] | None = None, reuse: bool = True, poll: float = 0.2) -> None:
+    """One worker process per GPU (``CUDA_VISIBLE_DEVICES`` = its index), fed with the cells that are ready."""
+    queue = ReadyQueue(cells, waits_for or {})
     running: dict[int, tuple[subprocess.Popen, Cell, Any]] = {}
     try:
         while queue or running:
             for slot in range(gpus):
-                if slot not in running and queue:
-                    cell = queue.pop(0)
+                cell = queue.take() if slot not in running else None
+                if cell is not None:
                     cell_dir = study.cell_dir(cell)
                     write_cell_files(cell, cell_dir)
                     log = open(cell_dir / "worker.log", "ab")
                     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot))
-                    process = subprocess.Popen([sys.executable, "-m", "ophav_core.ablate", str(cell_dir)], env=env,
-                                               stdout=log, stderr=subprocess.STDOUT)
+                    command = [sys.executable, "-m", "ophav_core.ablate", str(cell_dir)] + ([] if reuse else ["--no-reuse"])
+                    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
                     running[slot] = (process, cell, log)
             for slot, (process, cell, log) in list(running.items()):
                 code = process.poll()
@@ -423,6 +512,7 @@ def run_processes(study: Study, cells: list[Cell], on_result: OnResult, gpus: in
                     result = {"cell": cell.id, "status": "failed",
                               "error": f"worker process exited with code {code} before recording a result",
                               "traceback": tail}
+                queue.finished(cell)
                 on_result(cell, result)
             time.sleep(poll)
     finally:
@@ -431,9 +521,9 @@ def run_processes(study: Study, cells: list[Cell], on_result: OnResult, gpus: in
             log.close()
 
 
-def _ray_task(cell_json: dict[str, Any], cell_dir: str) -> dict[str, Any]:
+def _ray_task(cell_json: dict[str, Any], cell_dir: str, reuse: bool = True) -> dict[str, Any]:
     """What a Ray worker runs (module-level, so workers import it by name)."""
-    return run_cell(Cell.from_json(cell_json), Path(cell_dir))
+    return run_cell(Cell.from_json(cell_json), Path(cell_dir), reuse=reuse)
 
 
 def _ray_env() -> dict[str, str]:
@@ -442,8 +532,10 @@ def _ray_env() -> dict[str, str]:
 
 
 def run_ray(study: Study, cells: list[Cell], on_result: OnResult, address: str | None = None,
-            init_kwargs: dict[str, Any] | None = None, log: Callable[[str], None] = lambda m: None) -> None:
-    """Each cell a Ray task (one GPU where the cluster has GPUs, else one CPU); results as they finish."""
+            init_kwargs: dict[str, Any] | None = None, log: Callable[[str], None] = lambda m: None,
+            waits_for: dict[str, str | None] | None = None, reuse: bool = True) -> None:
+    """Each cell a Ray task (one GPU where the cluster has GPUs, else one CPU), submitted once the cell it waits
+    for has finished; results as they finish."""
     try:
         import ray
     except ImportError:
@@ -467,7 +559,14 @@ def run_ray(study: Study, cells: list[Cell], on_result: OnResult, address: str |
         remote = ray.remote(max_retries=0, **resources)(_ray_task)
         for cell in cells:
             write_cell_files(cell, study.cell_dir(cell))
-        pending = {remote.remote(cell.to_json(), str(study.cell_dir(cell))): cell for cell in cells}
+        queue = ReadyQueue(cells, waits_for or {})
+        pending: dict[Any, Cell] = {}
+
+        def submit_ready() -> None:
+            while (cell := queue.take()) is not None:
+                pending[remote.remote(cell.to_json(), str(study.cell_dir(cell)), reuse)] = cell
+
+        submit_ready()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
@@ -476,7 +575,9 @@ def run_ray(study: Study, cells: list[Cell], on_result: OnResult, address: str |
                     result = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - a worker that died or a task Ray could not run
                     result = {"cell": cell.id, "status": "failed", "error": f"ray: {type(exc).__name__}: {exc}"}
+                queue.finished(cell)
                 on_result(cell, result)
+            submit_ready()
     finally:
         if started_here:
             ray.shutdown()
@@ -497,6 +598,7 @@ def result_rows(study: Study) -> list[dict[str, Any]]:
         for name, value in (result.get("metrics") or {}).items():
             row[name] = value
         row["seconds"] = result.get("seconds")
+        row["reused_seconds"] = result.get("reused_seconds")
         row["error"] = result.get("error", "")
         rows.append(row)
     return rows
@@ -513,7 +615,7 @@ def write_csv(path: Path, study: Study, rows: list[dict[str, Any]]) -> None:
 
     columns = ["cell", "status", "portrait", "driver", *study.grid.axes, "rounds_run"]
     columns += [m for m in [*METRICS, *(f"cross_{m}" for m in METRICS)] if any(m in r for r in rows)]
-    columns += ["seconds", "error"]
+    columns += ["seconds", "reused_seconds", "error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -548,6 +650,11 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
              f"i % {study.grid.eval.every} == 0, CSIM against the portrait"
              + ("; x- columns: cross-identity reenactment" if any(m.startswith('cross_') for m in metrics) else "")
              + ".", ""]
+    spent = sum(float(r["seconds"] or 0) for r in done)
+    shared = sum(float(r.get("reused_seconds") or 0) for r in done)
+    if done:
+        lines += [f"The finished cells took {spent:.0f} s together; steps they took from each other instead of "
+                  f"computing them again had cost {shared:.0f} s where they were computed.", ""]
     settings: dict[tuple, list[dict[str, Any]]] = {}
     for row in done:
         settings.setdefault(tuple(row.get(a) for a in axes), []).append(row)
@@ -637,7 +744,8 @@ def write_results(study: Study, with_plot: bool = True) -> dict[str, Path | None
 
 def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int = 0, address: str | None = None,
               retry_failed: bool = True, skip_invalid: bool = False, registry=None, device: str | None = None,
-              ray_init: dict[str, Any] | None = None, log: Callable[[str], None] = lambda m: None) -> Study:
+              ray_init: dict[str, Any] | None = None, log: Callable[[str], None] = lambda m: None,
+              reuse: bool = True) -> Study:
     """Check every cell's config, run the cells not done yet, and write the results (also after failures)."""
     if backend not in ("local", "ray"):
         raise UsageError(f"--backend {backend!r}: choose local or ray")
@@ -664,6 +772,9 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
             study.record(cell, {"cell": cell.id, "status": "failed", "error": f"invalid config: {invalid[cell.id]}"})
         else:
             todo.append(cell)
+    waits_for: dict[str, str | None] = {}
+    if reuse and todo:
+        todo, waits_for = plan_cells(todo, registry)
     skipped = len(study.cells) - len(todo) - len(invalid)
     log(f"study {grid.name}: {len(study.cells)} cells, {skipped} done earlier or skipped, {len(todo)} to run "
         f"({backend}{f', {gpus} GPU worker(s)' if backend == 'local' and gpus else ''})")
@@ -672,6 +783,9 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
         study.record(cell, result)
         state = result.get("status")
         detail = f": {result.get('error')}" if state != "done" else f" in {result.get('seconds', 0):.1f} s"
+        if result.get("reused"):
+            detail += (f" (took {len(result['reused'])} finished step(s) from other cells, "
+                       f"{result.get('reused_seconds', 0):.1f} s of work)")
         log(f"[{state}] {cell.id}{detail}")
         write_results(study, with_plot=False)  # the tables stay current while the study runs
 
@@ -680,11 +794,11 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
     study.save()
     try:
         if backend == "ray":
-            run_ray(study, todo, on_result, address, ray_init, log)
+            run_ray(study, todo, on_result, address, ray_init, log, waits_for, reuse)
         elif gpus > 0:
-            run_processes(study, todo, on_result, gpus)
+            run_processes(study, todo, on_result, gpus, waits_for, reuse)
         else:
-            run_sequential(study, todo, on_result, registry, device)
+            run_sequential(study, todo, on_result, registry, device, reuse)
     finally:
         for cell in todo:  # interrupted: what was not finished is not "running" any more
             if study.status.get(cell.id, {}).get("status") == "running":
@@ -695,13 +809,16 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m ophav_core.ablate CELL_DIR``: run one cell (the local multi-GPU executor's worker)."""
+    """``python -m ophav_core.ablate CELL_DIR [--no-reuse]``: run one cell (the local multi-GPU executor's
+    worker)."""
+    reuse = "--no-reuse" not in argv
+    argv = [a for a in argv if a != "--no-reuse"]
     if len(argv) != 1:
-        print("usage: python -m ophav_core.ablate CELL_DIR", file=sys.stderr)
+        print("usage: python -m ophav_core.ablate CELL_DIR [--no-reuse]", file=sys.stderr)
         return 2
     cell_dir = Path(argv[0])
     cell = Cell.from_json(json.loads((cell_dir / "cell.json").read_text()))
-    result = run_cell(cell, cell_dir)
+    result = run_cell(cell, cell_dir, reuse=reuse)
     return 0 if result["status"] == "done" else 1
 
 

@@ -84,6 +84,9 @@ def run(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
     driver: Optional[str] = typer.Option(None, "--driver", help="driving video or motion script for the coarse video"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run in --out"),
+    reuse: List[Path] = typer.Option([], "--reuse", help="another run directory: take its finished steps that "
+                                     "compute the same thing (e.g. the fit, for another restorer) instead of "
+                                     "computing them (repeatable)"),
     stop_after: Optional[str] = typer.Option(None, "--stop-after", help="portrait, image2video, track, segment, fit or roundN"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
@@ -100,9 +103,15 @@ def run(
         raise UsageError(f"driver {cfg.driver} does not exist")
     resolved = resolve(cfg, get_host().registry)
     run_dir = out or Path("runs") / portrait.stem
+    for other in reuse:
+        if not (other / "manifest.json").is_file():
+            raise UsageError(f"--reuse {other}: not a run directory (no manifest.json)")
     scheduler = Scheduler(run_dir, resolved, portrait, resume=resume, stop_after=stop_after, quiet=quiet,
-                          log=(lambda m: None) if quiet else _echo)
+                          log=(lambda m: None) if quiet else _echo, reuse=reuse)
     result = scheduler.run()
+    if scheduler.reused:
+        saved = sum(info["seconds"] for info in scheduler.reused.values())
+        _echo(f"took {', '.join(scheduler.reused)} from another run ({saved:.0f} s of work not repeated)")
     if result.stopped_after:
         _echo(f"stopped after {result.stopped_after}; inspect {run_dir} and continue with --resume")
     else:

@@ -106,6 +106,8 @@ def ablate(
                                       "instead of stopping before any work"),
     report_only: bool = typer.Option(False, "--report-only", help="only rewrite results.csv/md and plot.png"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="cells take the finished steps they share from "
+                               "each other (one first training per portrait for a grid over restorers and rounds)"),
     device: Optional[str] = typer.Option(None, "--device", help="local in-process runs: auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -120,9 +122,14 @@ def ablate(
     if dry_run or report_only:
         study = study_lib.Study.open(out, study_lib.load_grid(grid))
         if dry_run:
+            waits_for: dict = {}
+            if reuse:
+                pending = [c for c in study.cells if not study.is_done(c)]
+                _, waits_for = study_lib.plan_cells(pending, get_host().registry)
             for cell in study.cells:
                 state = "done" if study.is_done(cell) else study.status.get(cell.id, {}).get("status", "pending")
-                typer.echo(f"{state:8s} {cell.id}  ({cell.label()})")
+                after = f"; after {waits_for[cell.id]}" if waits_for.get(cell.id) else ""
+                typer.echo(f"{state:8s} {cell.id}  ({cell.label()}{after})")
             return
         paths = study_lib.write_results(study)
         typer.echo((out / "results.md").read_text())
@@ -130,7 +137,8 @@ def ablate(
         return
     log = (lambda m: None) if quiet else _echo
     study = study_lib.run_study(grid, out, backend=backend, gpus=gpus, address=address, retry_failed=retry_failed,
-                                skip_invalid=skip_invalid, registry=get_host().registry, device=device, log=log)
+                                skip_invalid=skip_invalid, registry=get_host().registry, device=device, log=log,
+                                reuse=reuse)
     typer.echo((study.root / "results.md").read_text())
     failed = [c.id for c in study.cells if study.status.get(c.id, {}).get("status") == "failed"]
     plot = study.root / "plot.png"

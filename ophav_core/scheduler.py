@@ -8,17 +8,25 @@ the sha256 of every file it wrote. Every file is written atomically and a step i
 files are, so a run killed at any moment resumes (``--resume``) from the last finished step; a finished step whose
 files are missing or altered is computed again. Each step draws its random numbers from the run's seed and the
 step's name, so a resumed run gives the result it would have had.
+
+Each step also records a key: a hash of everything it depends on (the portrait's bytes, the profile, seed and
+device, the components and options of the stages it and the steps before it used, and its place in the chain).
+Two steps with the same key compute the same thing, so a run given other run directories to ``reuse`` takes a
+finished step with its key from them (hard links, intact files only) instead of computing it: another restorer
+on top of an existing fit, or three rounds after a run of two, start where the shared work ends.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,6 +65,59 @@ def _now() -> str:
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def step_names(rounds: int) -> list[str]:
+    """The steps of a run with ``rounds`` restore rounds, in order."""
+    names = ["portrait", "image2video", "track", "segment", "fit"]
+    for r in range(1, rounds + 1):
+        names += [f"render{r}", f"restore{r}", f"refit{r}"]
+    return names + ["export"]
+
+
+def _content_digest(path: str | Path | None) -> str | None:
+    if path is None:
+        return None
+    return sha256_of(Path(path)) if Path(path).is_file() else str(path)
+
+
+def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dict[str, str]:
+    """Per step, a key that is equal for two steps exactly when they compute the same thing: the key of the step
+    before it (so everything upstream), the step's name, and what the step itself adds. The export writes the
+    whole config into the avatar's description, so its key holds the whole config."""
+    def stage(name: str) -> dict[str, Any]:
+        chosen = resolved.stages[name]
+        return {"name": chosen.spec.name, "package": chosen.spec.package, "version": chosen.spec.version,
+                "options": chosen.options.model_dump(mode="json")}
+
+    adds: dict[str, Any] = {
+        "portrait": {"portrait": sha256_of(portrait_path), "profile": resolved.profile.model_dump(mode="json"),
+                     "seed": resolved.config.seed, "device": device, "ophav": __version__,
+                     "tracker": stage("tracker")},
+        "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver)},
+        "track": {}, "segment": {"segmenter": stage("segmenter")}, "fit": {"field": stage("field")},
+        "export": resolved.to_dict(),
+    }
+    for r in range(1, resolved.rounds + 1):
+        adds[f"restore{r}"] = {"restorer": stage("restorer")}
+    keys, previous = {}, ""
+    for name in step_names(resolved.rounds):
+        text = json.dumps({"after": previous, "step": name, "adds": adds.get(name, {})}, sort_keys=True, default=str)
+        previous = keys[name] = hashlib.sha256(text.encode()).hexdigest()[:24]
+    return keys
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows (artifacts are only ever replaced, never changed in place, so a
+    link stays correct), else a copy; atomic either way."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
 
 
 class Manifest:
@@ -100,11 +161,12 @@ class Scheduler:
 
     components: optional pre-built stage components (tests inject them); otherwise each is created from the
     resolved config when first needed, so a resumed run never loads a model it no longer needs.
+    reuse: other run directories whose finished steps this run takes where the step keys are equal.
     """
 
     def __init__(self, run_dir: Path, resolved: ResolvedConfig, portrait_path: Path, *, resume: bool = False,
                  stop_after: str | None = None, quiet: bool = False, device: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, reuse: Sequence[Path] = ()):
         self.root = Path(run_dir)
         self.resolved = resolved
         self.portrait_path = Path(portrait_path)
@@ -117,6 +179,41 @@ class Scheduler:
         self.log = log or (lambda msg: None)
         self._components: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
+        self.reuse = [Path(p) for p in reuse if Path(p).resolve() != self.root.resolve()]
+        self.reused: dict[str, dict[str, Any]] = {}  # step -> {"from": run dir, "seconds": its compute time}
+        self._keys: dict[str, str] | None = None
+
+    def keys(self) -> dict[str, str]:
+        if self._keys is None:
+            self._keys = step_keys(self.resolved, self.portrait_path, self.device)
+        return self._keys
+
+    def _take_from_other_run(self, manifest: Manifest, name: str, outputs: list[str], extras: list[str]) -> bool:
+        """Take step ``name`` from a run in ``reuse`` that finished it with the same key and intact files."""
+        key = self.keys().get(name)
+        for other in self.reuse:
+            try:
+                entry = json.loads((other / "manifest.json").read_text()).get("steps", {}).get(name)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if not entry or entry.get("status") != "done" or entry.get("key") != key:
+                continue
+            recorded = entry.get("outputs", {})
+            if set(recorded) != set(outputs) or not all(
+                    (other / rel).is_file() and sha256_of(other / rel) == digest for rel, digest in recorded.items()):
+                continue
+            for rel in outputs + [e for e in extras if (other / e).is_file()]:
+                _link_or_copy(other / rel, self.root / rel)
+            seconds = entry.get("seconds", 0.0) + entry.get("reused", {}).get("seconds", 0.0)
+            source = entry.get("reused", {}).get("from", str(other.resolve()))
+            mine = manifest.step(name)
+            mine.clear()
+            mine.update(status="done", key=key, seconds=0.0, finished=_now(), outputs=dict(recorded),
+                        reused={"from": source, "seconds": seconds})
+            manifest.save()
+            self.reused[name] = {"from": source, "seconds": seconds}
+            return True
+        return False
 
     # ------------------------------------------------------------------------------------------ plumbing
 
@@ -168,15 +265,23 @@ class Scheduler:
         return manifest
 
     def _step(self, manifest: Manifest, name: str, outputs: list[str], compute: Callable[[], Any],
-              load: Callable[[], Any]) -> Any:
+              load: Callable[[], Any], extras: Sequence[str] = ()) -> Any:
+        """``outputs`` are hashed and define the step; ``extras`` are pictures for people, carried along on reuse."""
         if manifest.is_done(name, self.root):
             self.log(f"[skip] {name}: done earlier")
             self.timings[name] = manifest.step(name).get("seconds", 0.0)
+            if "reused" in manifest.step(name):
+                self.reused[name] = manifest.step(name)["reused"]
+            return load()
+        if self.reuse and self._take_from_other_run(manifest, name, outputs, list(extras)):
+            self.log(f"[reuse] {name}: from {self.reused[name]['from']}")
+            self.timings[name] = 0.0
             return load()
         self.log(f"[run ] {name}")
         entry = manifest.step(name)
-        entry.update(status="running", started=_now())
+        entry.update(status="running", started=_now(), key=self.keys()[name])
         entry.pop("outputs", None)
+        entry.pop("reused", None)
         manifest.save()
         start = time.perf_counter()
         try:
@@ -233,18 +338,20 @@ class Scheduler:
             return RunResult(self.root, None, self.timings, "portrait")
         frames = self._step(manifest, "image2video", ["image2video/frames.npz"],
                             lambda: self._image2video(portrait),
-                            lambda: FrameSet.load(self.root / "image2video/frames.npz"))
+                            lambda: FrameSet.load(self.root / "image2video/frames.npz"),
+                            extras=["image2video/video.mp4", "image2video/contact.png"])
         if self._stop("image2video"):
             return RunResult(self.root, None, self.timings, "image2video")
         tracking, portrait_tracking = self._step(
             manifest, "track", ["track/tracking.npz", "track/portrait_tracking.npz"],
             lambda: self._track(frames, portrait),
             lambda: (Tracking.load(self.root / "track/tracking.npz"),
-                     Tracking.load(self.root / "track/portrait_tracking.npz")))
+                     Tracking.load(self.root / "track/portrait_tracking.npz")),
+            extras=["track/pose.png", "track/mesh.png"])
         if self._stop("track"):
             return RunResult(self.root, None, self.timings, "track")
         masks = self._step(manifest, "segment", ["segment/masks.npz"], lambda: self._segment(frames, tracking),
-                           lambda: MaskSet.load(self.root / "segment/masks.npz"))
+                           lambda: MaskSet.load(self.root / "segment/masks.npz"), extras=["segment/overlay.png"])
         if self._stop("segment"):
             return RunResult(self.root, None, self.timings, "segment")
         avatar_rel = "fit/avatar.ckpt"
@@ -368,7 +475,7 @@ class Scheduler:
             return restored
 
         restored = self._step(manifest, f"restore{r}", [restored_rel], restore,
-                              lambda: FrameSet.load(self.root / restored_rel))
+                              lambda: FrameSet.load(self.root / restored_rel), extras=[f"{folder}/contact.png"])
         masks = MaskSet(renders.alpha)
         return self._step(manifest, f"refit{r}", [avatar_rel],
                           lambda: self._fit(restored, masks, views, avatar_rel, avatar),

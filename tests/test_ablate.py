@@ -107,7 +107,8 @@ def test_local_study_records_failures_resumes_and_reports(env, monkeypatch):
     study = ablate.run_study(grid, env / "study", registry=registry())
     assert all(v["status"] == "done" for v in study.status.values())
     assert fakes.CALLS["image2video"] == 0  # failed cells resumed their runs; done cells were not rerun
-    assert fakes.CALLS["fit0"] == 0 and fakes.CALLS["refit"] == 4 + 2 * 4
+    # Per portrait and restorer: refit1 once (the rounds-2 cell takes it from the rounds-1 cell), refit2 once.
+    assert fakes.CALLS["fit0"] == 0 and fakes.CALLS["refit"] == 2 * 2 * 2
 
     with open(env / "study/results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -126,6 +127,55 @@ def test_local_study_records_failures_resumes_and_reports(env, monkeypatch):
     fakes.CALLS.clear()
     ablate.run_study(grid, env / "study", registry=registry())  # everything done: nothing runs
     assert sum(fakes.CALLS.values()) == 0
+
+
+def test_cells_share_their_common_steps_and_wait_for_the_cell_that_computes_them(env):
+    grid = write_grid(env, TWO_BY_THREE)
+    study = ablate.Study.open(env / "study", ablate.load_grid(grid))
+    keys = {c.id: ablate.cell_step_keys(c, registry()) for c in study.cells}
+    order, waits_for = ablate.reuse_plan(study.cells, keys)
+    by_id = {c.id: c for c in study.cells}
+
+    def name(cell_id):
+        cell = by_id[cell_id]
+        restorer = ablate.value_label(cell.values["restorer"])
+        return f"{cell.portrait[-5]}:{'B' if 'gain' in restorer else 'A'}{cell.values['rounds']}"
+
+    assert [name(c.id) for c in order[:4]] == ["0:A0", "0:B0", "1:A0", "1:B0"]  # fewest steps first
+    plan = {name(k): v and name(v) for k, v in waits_for.items()}
+    assert plan == {"0:A0": None, "0:B0": "0:A0", "0:A1": "0:A0", "0:B1": "0:A1", "0:A2": "0:A1", "0:B2": "0:B1",
+                    "1:A0": None, "1:B0": "1:A0", "1:A1": "1:A0", "1:B1": "1:A1", "1:A2": "1:A1", "1:B2": "1:B1"}
+    for cell in order:  # whatever a cell waits for is started before it
+        assert waits_for[cell.id] is None or order.index(by_id[waits_for[cell.id]]) < order.index(cell)
+
+    queue = ablate.ReadyQueue(order, waits_for)
+    first = [queue.take(), queue.take()]
+    assert [name(c.id) for c in first] == ["0:A0", "1:A0"] and queue.take() is None  # the rest wait
+    queue.finished(first[0])
+    assert name(queue.take().id) == "0:B0"
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_study_trains_each_portrait_once_unless_told_not_to_reuse(env, reuse):
+    grid = write_grid(env, TWO_BY_THREE)
+    study = ablate.run_study(grid, env / "study", registry=registry(), reuse=reuse)
+    assert all(v["status"] == "done" for v in study.status.values())
+    if reuse:
+        assert fakes.CALLS["image2video"] == 2 and fakes.CALLS["fit0"] == 2
+        assert fakes.CALLS["refit"] == 2 * 2 * 2  # per portrait and restorer: refit1 once, refit2 once
+        rounds2 = next(c for c in study.cells if c.values["rounds"] == 2)
+        assert set(study.read_result(rounds2)["reused"]) >= {"fit", "refit1"}
+        assert "from each other" in (env / "study/results.md").read_text()
+    else:
+        assert fakes.CALLS["image2video"] == 12 and fakes.CALLS["fit0"] == 12 and fakes.CALLS["refit"] == 2 * 2 * 3
+    # The metrics do not depend on whether the steps were shared (the fakes are deterministic).
+    rows = {r["cell"]: r["psnr"] for r in csv.DictReader(open(env / "study/results.csv"))}
+    assert len(rows) == 12
+    if reuse:
+        return
+    shared = ablate.run_study(grid, env / "shared", registry=registry(), reuse=True)
+    assert {c.id: f"{float(shared.status[c.id]['metrics']['psnr']):.6f}" for c in shared.cells} == \
+        {k: f"{float(v):.6f}" for k, v in rows.items()}
 
 
 def test_gpu_worker_processes(env):
@@ -175,6 +225,8 @@ def test_ablate_command(fakes_env, tmp_path, capsys, monkeypatch):
 
     code, out, _ = run("--dry-run")
     assert code == 0 and out.count("pending") == 4
+    assert out.count("; after ") == 2  # each portrait's rounds-1 cell waits for its rounds-0 cell
+    assert not (tmp_path / "s").exists()  # a dry run writes nothing
     monkeypatch.setenv("OPHAV_FAKE_CRASH", "refit")
     code, out, err = run("-q")
     assert code == 1 and "2 cell(s) failed" in err and "## Cells" in out

@@ -10,12 +10,12 @@ from ophav_core.testing.fakes import FAKE_CONFIG, FakePlugin
 from ophav_core.weights import sha256_of
 
 
-def make_scheduler(run_dir, portrait, rounds, resume=False, stop_after=None, sets=()):
+def make_scheduler(run_dir, portrait, rounds, resume=False, stop_after=None, sets=(), reuse=()):
     registry = build_host(extra_plugins=[("fakes", FakePlugin())], load_entry_points=False).registry
     flags = {k: v["name"] for k, v in FAKE_CONFIG.items()}
     flags.update(profile="tiny", rounds=rounds, device="cpu")
     return Scheduler(run_dir, resolve(build_config(None, flags, list(sets)), registry), portrait, resume=resume,
-                     stop_after=stop_after, quiet=True)
+                     stop_after=stop_after, quiet=True, reuse=reuse)
 
 
 @pytest.fixture(autouse=True)
@@ -93,3 +93,62 @@ def test_stop_after_then_resume(tmp_path, portrait_file):
     assert fakes.CALLS["fit0"] == 0
     make_scheduler(tmp_path / "run", portrait_file, 1, resume=True).run()
     assert fakes.CALLS["image2video"] == 1 and fakes.CALLS["fit0"] == 1
+
+
+def make_reusing(run_dir, portrait, rounds, reuse, sets=()):
+    return make_scheduler(run_dir, portrait, rounds, sets=sets, reuse=reuse)
+
+
+def test_a_run_takes_the_steps_it_shares_with_another_and_matches_a_fresh_run(tmp_path, portrait_file):
+    import os
+
+    make_scheduler(tmp_path / "two_rounds_fresh", portrait_file, 2).run()
+    fresh = sha256_of(tmp_path / "two_rounds_fresh/avatar/avatar.ckpt")
+    make_scheduler(tmp_path / "one_round", portrait_file, 1).run()
+    fakes.CALLS.clear()
+    scheduler = make_reusing(tmp_path / "two_rounds", portrait_file, 2, [tmp_path / "one_round"])
+    result = scheduler.run()
+    # Everything up to refit1 came from the one-round run; round 2 and the export were computed.
+    assert fakes.CALLS["image2video"] == 0 and fakes.CALLS["fit0"] == 0 and fakes.CALLS["track"] == 0
+    assert fakes.CALLS["refit"] == 1 and fakes.CALLS["restore"] == 1
+    assert sha256_of(result.avatar) == fresh
+    assert list(scheduler.reused) == ["portrait", "image2video", "track", "segment", "fit", "render1", "restore1",
+                                      "refit1"]
+    steps = json.loads((tmp_path / "two_rounds/manifest.json").read_text())["steps"]
+    assert steps["fit"]["reused"]["from"] == str((tmp_path / "one_round").resolve())
+    assert "reused" not in steps["refit2"] and steps["refit2"]["key"] != steps["refit1"]["key"]
+    ours, theirs = tmp_path / "two_rounds/fit/avatar.ckpt", tmp_path / "one_round/fit/avatar.ckpt"
+    assert os.stat(ours).st_ino == os.stat(theirs).st_ino  # a hard link, not a copy
+    assert (tmp_path / "two_rounds/round1/contact.png").is_file() and (tmp_path / "two_rounds/track/pose.png").is_file()
+
+    # A resumed run keeps what it took, and the run it took it from can go away.
+    import shutil
+
+    shutil.rmtree(tmp_path / "one_round")
+    fakes.CALLS.clear()
+    make_scheduler(tmp_path / "two_rounds", portrait_file, 2, resume=True).run()
+    assert sum(fakes.CALLS.values()) == 0
+
+
+def test_reuse_stops_where_the_computation_differs(tmp_path, portrait_file):
+    make_scheduler(tmp_path / "base", portrait_file, 1).run()
+    fakes.CALLS.clear()
+    other_restorer = make_reusing(tmp_path / "gain", portrait_file, 1, [tmp_path / "base"], sets=["restorer.gain=20"])
+    other_restorer.run()
+    assert "render1" in other_restorer.reused and "restore1" not in other_restorer.reused
+    assert fakes.CALLS["restore"] == 1 and fakes.CALLS["refit"] == 1 and fakes.CALLS["fit0"] == 0
+
+    fakes.CALLS.clear()
+    other_seed = make_reusing(tmp_path / "seed", portrait_file, 1, [tmp_path / "base"], sets=["seed=3"])
+    other_seed.run()
+    assert other_seed.reused == {} and fakes.CALLS["image2video"] == 1
+
+
+def test_a_damaged_file_in_the_other_run_is_not_taken(tmp_path, portrait_file):
+    make_scheduler(tmp_path / "base", portrait_file, 0).run()
+    (tmp_path / "base/fit/avatar.ckpt").write_bytes(b"truncated")
+    fakes.CALLS.clear()
+    scheduler = make_reusing(tmp_path / "again", portrait_file, 1, [tmp_path / "base"])
+    scheduler.run()
+    assert "segment" in scheduler.reused and "fit" not in scheduler.reused
+    assert fakes.CALLS["fit0"] == 1 and fakes.CALLS["segment"] == 0
