@@ -204,6 +204,9 @@ def test_ray_backend_with_a_local_instance(env, monkeypatch):
     assert by_rounds == {0: {"done"}, 1: {"failed"}, 2: {"failed"}}
     assert all(r["pid"] != os.getpid() for r in results.values())
     assert fakes.CALLS["image2video"] == 0  # nothing ran in this process
+    # Each portrait's second rounds-0 cell was submitted after the first had finished, and took its steps.
+    reused = [results[c.id].get("reused", {}) for c in study.cells if c.values["rounds"] == 0]
+    assert sorted(len(r) for r in reused) == [0, 0, 5, 5]
     rows = list(csv.DictReader(open(env / "study/results.csv")))
     assert len(rows) == 12 and (env / "study/plot.png").is_file()
     assert any(r["status"] == "failed" and "simulated crash" in r["error"] for r in rows)
