@@ -779,10 +779,13 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
     log(f"study {grid.name}: {len(study.cells)} cells, {skipped} done earlier or skipped, {len(todo)} to run "
         f"({backend}{f', {gpus} GPU worker(s)' if backend == 'local' and gpus else ''})")
 
+    finished = []
+
     def on_result(cell: Cell, result: dict[str, Any]) -> None:
         study.record(cell, result)
-        state = result.get("status")
-        detail = f": {result.get('error')}" if state != "done" else f" in {result.get('seconds', 0):.1f} s"
+        finished.append(cell.id)
+        state = f"{result.get('status')} {len(finished)}/{len(todo)}"
+        detail = f": {result.get('error')}" if result.get("status") != "done" else f" in {result.get('seconds', 0):.1f} s"
         if result.get("reused"):
             detail += (f" (took {len(result['reused'])} finished step(s) from other cells, "
                        f"{result.get('reused_seconds', 0):.1f} s of work)")
