@@ -57,9 +57,18 @@ def render_report(root: Path, manifest: dict[str, Any], timings: dict[str, float
     parts += ["<h2>Components</h2>", _table(rows, ("stage", "component", "package", "version"))]
     total = sum(timings.values()) or 1.0
     longest = max(timings.values(), default=1.0) or 1.0
-    rows = [(html.escape(step), f"{seconds:.1f}", f'<span class="bar" style="width:{300 * seconds / longest:.0f}px"></span>')
-            for step, seconds in timings.items()]
-    parts += ["<h2>Timings</h2>", _table(rows, ("step", "seconds", "")), f"<p>Total {total:.1f} s.</p>"]
+    steps = manifest.get("steps", {})
+
+    def note(step: str) -> str:
+        taken = steps.get(step, {}).get("reused")
+        if not taken:
+            return ""
+        return (f"taken from <code>{html.escape(str(taken.get('from', '')))}</code> "
+                f"({float(taken.get('seconds', 0)):.1f} s there)")
+
+    rows = [(html.escape(step), f"{seconds:.1f}", f'<span class="bar" style="width:{300 * seconds / longest:.0f}px"></span>',
+             note(step)) for step, seconds in timings.items()]
+    parts += ["<h2>Timings</h2>", _table(rows, ("step", "seconds", "", "")), f"<p>Total {total:.1f} s.</p>"]
     parts.append("<h2>Stages</h2>")
     for rel, caption in _FIGURES:
         if (root / rel).exists():

@@ -120,6 +120,7 @@ def test_a_run_takes_the_steps_it_shares_with_another_and_matches_a_fresh_run(tm
     ours, theirs = tmp_path / "two_rounds/fit/avatar.ckpt", tmp_path / "one_round/fit/avatar.ckpt"
     assert os.stat(ours).st_ino == os.stat(theirs).st_ino  # a hard link, not a copy
     assert (tmp_path / "two_rounds/round1/contact.png").is_file() and (tmp_path / "two_rounds/track/pose.png").is_file()
+    assert "taken from <code>" in (tmp_path / "two_rounds/report.html").read_text()
 
     # A resumed run keeps what it took, and the run it took it from can go away.
     import shutil
