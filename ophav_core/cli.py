@@ -112,6 +112,9 @@ def run(
     if scheduler.reused:
         saved = sum(info["seconds"] for info in scheduler.reused.values())
         _echo(f"took {', '.join(scheduler.reused)} from another run ({saved:.0f} s of work not repeated)")
+    elif reuse:
+        _echo(f"warning: --reuse: no step of {', '.join(map(str, reuse))} computes the same as this run (another "
+              f"portrait, profile, seed, device or image2video component changes every step)")
     if result.stopped_after:
         _echo(f"stopped after {result.stopped_after}; inspect {run_dir} and continue with --resume")
     else:

@@ -33,6 +33,9 @@ def test_run_reuses_the_steps_of_another_run(fakes_env, portrait_file, tmp_path,
     assert code == 0, err
     assert "took portrait, image2video, track, segment, fit, render1, restore1, refit1 from another run" in err
     assert fakes_env.CALLS["fit0"] == 1 and fakes_env.CALLS["refit"] == 2
+    code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r4"), *FAKES, "--set", "seed=5",
+                             "--reuse", str(tmp_path / "r1")], capsys)
+    assert code == 0 and "no step of" in err
     code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r3"), *FAKES,
                              "--reuse", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "not a run directory" in err and not (tmp_path / "r3").exists()
