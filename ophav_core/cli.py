@@ -114,7 +114,7 @@ def run(
         _echo(f"took {', '.join(scheduler.reused)} from another run ({saved:.0f} s of work not repeated)")
     elif reuse:
         _echo(f"warning: --reuse: no step of {', '.join(map(str, reuse))} computes the same as this run (another "
-              f"portrait, profile, seed, device or image2video component changes every step)")
+              f"portrait, profile, seed, device or tracker changes every step)")
     if result.stopped_after:
         _echo(f"stopped after {result.stopped_after}; inspect {run_dir} and continue with --resume")
     else:
