@@ -199,11 +199,16 @@ class Scheduler:
             if not entry or entry.get("status") != "done" or entry.get("key") != key:
                 continue
             recorded = entry.get("outputs", {})
-            if set(recorded) != set(outputs) or not all(
-                    (other / rel).is_file() and sha256_of(other / rel) == digest for rel, digest in recorded.items()):
+            if set(recorded) != set(outputs) or not all((other / rel).is_file() for rel in recorded):
                 continue
             for rel in outputs + [e for e in extras if (other / e).is_file()]:
                 _link_or_copy(other / rel, self.root / rel)
+            # Checked after linking: what this run now holds is what the other run recorded, even if that run
+            # replaced a file meanwhile.
+            if not all(sha256_of(self.root / rel) == digest for rel, digest in recorded.items()):
+                for rel in outputs:
+                    (self.root / rel).unlink(missing_ok=True)
+                continue
             seconds = entry.get("seconds", 0.0) + entry.get("reused", {}).get("seconds", 0.0)
             source = entry.get("reused", {}).get("from", str(other.resolve()))
             mine = manifest.step(name)
