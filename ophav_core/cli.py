@@ -231,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("OPHAV_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    if not debug:
+        import warnings
+
+        # A warning is for the person running the command: one line, without our source file and line.
+        warnings.showwarning = lambda message, *_args, **_kwargs: _echo(f"warning: {message}")
     try:
         code = app(args=argv, prog_name="ophav", standalone_mode=False)
     except KeyboardInterrupt:

@@ -126,3 +126,21 @@ def test_gpu_out_of_memory_gives_advice(fakes_env, portrait_file, tmp_path, caps
     monkeypatch.setenv("OPHAV_FAKE_CRASH", "fit0:out-of-memory")
     code, _, err = run_main(["run", str(portrait_file), "--out", str(tmp_path / "r"), *FAKES], capsys)
     assert code == 1 and "ran out of memory" in err and "batch_rays" in err and "Traceback" not in err
+
+
+def test_warnings_are_one_line_for_a_person(monkeypatch, capsys):
+    import warnings
+
+    from ophav_core import cli
+
+    def warn(**_kwargs):
+        warnings.warn("the renders: no face in 1 of 30 frames", UserWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "app", warn)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code, _, err = run_main(["run"], capsys)
+    assert code == 0
+    assert err.strip() == "warning: the renders: no face in 1 of 30 frames"
