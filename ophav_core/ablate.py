@@ -497,7 +497,8 @@ def run_processes(study: Study, cells: list[Cell], on_result: OnResult, gpus: in
                     write_cell_files(cell, cell_dir)
                     log = open(cell_dir / "worker.log", "ab")
                     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot))
-                    command = [sys.executable, "-m", "ophav_core.ablate", str(cell_dir)] + ([] if reuse else ["--no-reuse"])
+                    command = [sys.executable, "-m", "ophav_core.ablate", str(cell_dir)]
+                    command += [] if reuse else ["--no-reuse"]
                     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
                     running[slot] = (process, cell, log)
             for slot, (process, cell, log) in list(running.items()):
@@ -785,7 +786,8 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
         study.record(cell, result)
         finished.append(cell.id)
         state = f"{result.get('status')} {len(finished)}/{len(todo)}"
-        detail = f": {result.get('error')}" if result.get("status") != "done" else f" in {result.get('seconds', 0):.1f} s"
+        done = result.get("status") == "done"
+        detail = f" in {result.get('seconds', 0):.1f} s" if done else f": {result.get('error')}"
         if result.get("reused"):
             detail += (f" (took {len(result['reused'])} finished step(s) from other cells, "
                        f"{result.get('reused_seconds', 0):.1f} s of work)")
