@@ -124,8 +124,7 @@ def ablate(
         if dry_run:
             waits_for: dict = {}
             if reuse:
-                pending = [c for c in study.cells if not study.is_done(c)]
-                _, waits_for = study_lib.plan_cells(pending, get_host().registry)
+                _, waits_for = study_lib.plan_cells(study.pending(), get_host().registry)
             for cell in study.cells:
                 state = "done" if study.is_done(cell) else study.status.get(cell.id, {}).get("status", "pending")
                 after = f"; after {waits_for[cell.id]}" if waits_for.get(cell.id) else ""

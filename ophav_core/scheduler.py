@@ -193,8 +193,8 @@ class Scheduler:
         key = self.keys().get(name)
         for other in self.reuse:
             try:
-                entry = json.loads((other / "manifest.json").read_text()).get("steps", {}).get(name)
-            except (OSError, json.JSONDecodeError):
+                entry = Manifest.load(other / "manifest.json").data.get("steps", {}).get(name)
+            except UsageError:
                 continue
             if not entry or entry.get("status") != "done" or entry.get("key") != key:
                 continue
@@ -203,20 +203,21 @@ class Scheduler:
                 continue
             for rel in outputs + [e for e in extras if (other / e).is_file()]:
                 _link_or_copy(other / rel, self.root / rel)
+            taken = {"from": entry.get("reused", {}).get("from", str(other.resolve())),
+                     "seconds": entry.get("seconds", 0.0) + entry.get("reused", {}).get("seconds", 0.0)}
+            mine = manifest.step(name)
+            mine.clear()
+            mine.update(status="done", key=key, seconds=0.0, finished=_now(), outputs=dict(recorded), reused=taken)
             # Checked after linking: what this run now holds is what the other run recorded, even if that run
             # replaced a file meanwhile.
-            if not all(sha256_of(self.root / rel) == digest for rel, digest in recorded.items()):
+            if not manifest.is_done(name, self.root):
+                mine.clear()
+                mine["status"] = "pending"
                 for rel in outputs:
                     (self.root / rel).unlink(missing_ok=True)
                 continue
-            seconds = entry.get("seconds", 0.0) + entry.get("reused", {}).get("seconds", 0.0)
-            source = entry.get("reused", {}).get("from", str(other.resolve()))
-            mine = manifest.step(name)
-            mine.clear()
-            mine.update(status="done", key=key, seconds=0.0, finished=_now(), outputs=dict(recorded),
-                        reused={"from": source, "seconds": seconds})
             manifest.save()
-            self.reused[name] = {"from": source, "seconds": seconds}
+            self.reused[name] = taken
             return True
         return False
 
