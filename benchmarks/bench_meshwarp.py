@@ -94,7 +94,7 @@ def mouth_opening(tracking) -> np.ndarray:
 
 
 def speed(image: np.ndarray, frames: int) -> list[tuple[str, float, float]]:
-    from ophav_core.motion import default_script, motion_from_script
+    from ophav_core.stages.motion import default_script, motion_from_script
     from ophav_core.stages import Portrait
     from ophav_meshwarp.warper import render_frame
 
@@ -118,7 +118,7 @@ def speed(image: np.ndarray, frames: int) -> list[tuple[str, float, float]]:
 
 def check_script(name: str, image: np.ndarray, size: int, seconds: float, fps: float, out: Path) -> dict:
     from ophav_core.media import contact_sheet, pick_evenly, save_png, write_video
-    from ophav_core.motion import default_script, matrix_to_euler, motion_from_script
+    from ophav_core.stages.motion import default_script, matrix_to_euler, motion_from_script
     from ophav_core.stages import Portrait
 
     motion = motion_from_script(default_script(), fps=fps, duration=seconds)
@@ -144,7 +144,7 @@ def check_script(name: str, image: np.ndarray, size: int, seconds: float, fps: f
 
 def check_driver(name: str, image: np.ndarray, driver_path: Path, size: int, out: Path) -> dict:
     from ophav_core.media import read_video, write_video
-    from ophav_core.motion import relative_motion_from_tracking
+    from ophav_core.stages.motion import relative_motion_from_tracking
     from ophav_core.stages import Portrait
 
     driver = read_video(driver_path)

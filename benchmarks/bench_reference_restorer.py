@@ -100,7 +100,7 @@ def reproject(portrait: np.ndarray, tracking, yaw: float, pitch: float):
     and the image, warped through the mesh where the new view shows the face, the portrait elsewhere."""
     import cv2
 
-    from ophav_core.motion import euler_to_matrix
+    from ophav_core.stages.motion import euler_to_matrix
     from ophav_reference.raster import rasterise
 
     turn = euler_to_matrix([yaw], [pitch], [0.0])[0].astype(np.float64)

@@ -10,6 +10,7 @@ Environment:
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from functools import partial
@@ -149,3 +150,29 @@ def _register_weight(weights: dict[str, Any], info: PluginInfo, weight) -> None:
     if weight.name in weights and weights[weight.name] != weight:
         raise OphavError(f"plugins {weights[weight.name].plugin} and {info.name} both declare weights {weight.name!r}")
     weights[weight.name] = weight
+
+
+_HOST: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The plugin host of this process, built on first use (never at import). ``OPHAV_TEST_FAKES=1`` adds the fake
+    components of :mod:`ophav_core.testing.fakes`; a plugin that failed to load is named once on stderr."""
+    global _HOST
+    if _HOST is None:
+        extra = []
+        if os.environ.get("OPHAV_TEST_FAKES"):
+            from ophav_core.testing.fakes import FakePlugin
+
+            extra.append(("fakes", FakePlugin()))
+        _HOST = build_host(extra_plugins=extra)
+        if _HOST.failures:
+            names = ", ".join(f.name for f in _HOST.failures)
+            print(f"warning: plugin(s) {names} failed to load; `ophav plugins` says why", file=sys.stderr)
+    return _HOST
+
+
+def reset_host() -> None:
+    """Forget the host, so the next :func:`get_host` loads the plugins again (tests, and after installing one)."""
+    global _HOST
+    _HOST = None

@@ -15,16 +15,16 @@ def shared_data() -> Path:
 @pytest.fixture
 def fakes_env(monkeypatch, tmp_path):
     """Run the CLI with the fake components, an empty weight store and reset call counters."""
-    from ophav_core import cli
+    from ophav_core import plugins
     from ophav_core.testing import fakes
 
     monkeypatch.setenv("OPHAV_TEST_FAKES", "1")
     monkeypatch.setenv("OPHAV_WEIGHTS", str(tmp_path / "weights"))
     monkeypatch.delenv("OPHAV_FAKE_CRASH", raising=False)
-    monkeypatch.setattr(cli, "_HOST", None)
+    plugins.reset_host()
     fakes.CALLS.clear()
     yield fakes
-    cli._HOST = None
+    plugins.reset_host()
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ophav_core import ablate
+from ophav_core.study import ablate
 from ophav_core.errors import UsageError
 from ophav_core.media import save_png
 from ophav_core.plugins import build_host
@@ -213,7 +213,6 @@ def test_ray_backend_with_a_local_instance(env, monkeypatch):
 
 
 def test_ablate_command(fakes_env, tmp_path, capsys, monkeypatch):
-    from ophav_core import cli_study  # noqa: F401 - registers the commands until cli.py imports it
     from ophav_core.cli import main
 
     for i in range(2):

@@ -102,7 +102,7 @@ def test_help_lists_commands():
 
 
 def test_import_ophav_core_imports_no_plugin_and_no_torch():
-    code = ("import sys, ophav_core, ophav_core.cli, ophav_core.config, ophav_core.scheduler, ophav_core.stages; "
+    code = ("import sys, ophav_core, ophav_core.cli, ophav_core.config, ophav_core.pipeline.scheduler, ophav_core.stages; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mediapipe', 'cv2', 'av', 'ophav_insta', "
             "'ophav_mediapipe', 'ophav_meshwarp', 'ophav_reference', 'ophav_facerestore', 'ophav_talkinghead', "
             "'ophav_matting', 'gfpgan', 'basicsr')]; print(bad); sys.exit(1 if bad else 0)")
@@ -131,7 +131,7 @@ def test_gpu_out_of_memory_gives_advice(fakes_env, portrait_file, tmp_path, caps
 def test_warnings_are_one_line_for_a_person(monkeypatch, capsys):
     import warnings
 
-    from ophav_core import cli
+    from ophav_core.cli import root as cli
 
     def warn(**_kwargs):
         warnings.warn("the renders: no face in 1 of 30 frames", UserWarning)

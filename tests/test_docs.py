@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ophav_core import docgen
+from ophav_core.cli import docgen
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -12,7 +12,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def test_generated_docs_are_up_to_date(name, monkeypatch):
     monkeypatch.delenv("OPHAV_DISABLE_PLUGINS", raising=False)
     expected = docgen.GENERATED[name]()
-    assert (DOCS / name).read_text() == expected, f"docs/{name} is stale: run `python -m ophav_core.docgen docs`"
+    assert (DOCS / name).read_text() == expected, f"docs/{name} is stale: run `python -m ophav_core.cli.docgen docs`"
 
 
 def test_every_stage_has_a_component_in_the_config_docs():

@@ -8,11 +8,11 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from ophav_core import evaluation as ev
+from ophav_core.study import evaluation as ev
 from ophav_core.config import build_config, resolve
-from ophav_core.motion import euler_to_matrix
+from ophav_core.stages.motion import euler_to_matrix
 from ophav_core.plugins import build_host
-from ophav_core.scheduler import Scheduler
+from ophav_core.pipeline.scheduler import Scheduler
 from ophav_core.stages import RenderResult
 from ophav_core.testing import fakes
 from ophav_core.testing.fakes import FAKE_CONFIG, FakePlugin
@@ -160,7 +160,7 @@ def test_no_face_in_the_renders_makes_the_transfer_metrics_na(fake_run):
 def test_cross_reenactment_with_fakes(fake_run):
     scheduler, run, portrait_path = fake_run
     from ophav_core.media import read_image
-    from ophav_core.motion import default_script, motion_from_script
+    from ophav_core.stages.motion import default_script, motion_from_script
 
     field, tracker = scheduler.component("field"), scheduler.component("tracker")
     avatar = field.load(run.avatar)
@@ -323,7 +323,7 @@ def test_metric_weights_are_declared_through_the_weights_hook():
 
 
 def test_importing_the_study_modules_imports_no_torch():
-    code = ("import sys, ophav_core.evaluation, ophav_core.ablate, ophav_core.cli_study; "
+    code = ("import sys, ophav_core.study.evaluation, ophav_core.study.ablate, ophav_core.cli.study; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lpips', 'torch_fidelity', 'ray', "
             "'matplotlib', 'cv2', 'skimage')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -334,7 +334,6 @@ def test_importing_the_study_modules_imports_no_torch():
 
 
 def run_main(argv, capsys):
-    from ophav_core import cli_study  # noqa: F401 - registers `eval` and `ablate` until cli.py imports it
     from ophav_core.cli import main
 
     with pytest.raises(SystemExit) as info:

@@ -14,7 +14,7 @@ from ophav_core.media import save_png
 from ophav_core.testing.synthetic import synthetic_portrait
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ophav-plugin-example"
-OPHAV = "from ophav_core import cli_study; from ophav_core.cli import main; main()"  # cli_study: `ablate`
+OPHAV = "from ophav_core.cli import main; main()"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from torch import Tensor, nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from ophav_core.errors import InvalidData, UsageError, WeightsMissing  # noqa: E402
-import ophav_core.stages  # noqa: E402,F401 - first: importing ophav_core.motion before the stages is circular
+import ophav_core.stages  # noqa: E402,F401 - first: importing ophav_core.stages.motion before the stages is circular
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_core.testing.synthetic import render_synthetic, synthetic_tracking  # noqa: E402
 from ophav_core.weights import verify  # noqa: E402

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ophav_core import media
+from ophav_core.media import io as media
 from ophav_core.errors import UsageError
 from ophav_core.testing.synthetic import render_synthetic, synthetic_tracking
 

@@ -11,7 +11,7 @@ pytest.importorskip("mediapipe")
 pytest.importorskip("cv2")
 
 from ophav_core.errors import NoFaceFound  # noqa: E402
-from ophav_core.motion import Motion, matrix_to_euler  # noqa: E402
+from ophav_core.stages.motion import Motion, matrix_to_euler  # noqa: E402
 from ophav_core.stages import FrameSet, Tracking  # noqa: E402
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_mediapipe.blendshapes import NAMES, named_offsets  # noqa: E402

@@ -11,7 +11,7 @@ pytest.importorskip("cv2")
 
 from ophav_core.errors import UsageError  # noqa: E402
 from ophav_core.stages import FrameSet, Portrait  # noqa: E402
-from ophav_core.motion import (Motion, default_script, matrix_to_euler, motion_from_script,  # noqa: E402
+from ophav_core.stages.motion import (Motion, default_script, matrix_to_euler, motion_from_script,  # noqa: E402
                                relative_motion_from_tracking)
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_mediapipe.blendshapes import named_offsets  # noqa: E402

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ophav_core.errors import UsageError
-from ophav_core.motion import (default_script, euler_to_matrix, matrix_to_euler, motion_from_script,
+from ophav_core.stages.motion import (default_script, euler_to_matrix, matrix_to_euler, motion_from_script,
                                relative_motion_from_tracking)
 from ophav_core.testing.synthetic import synthetic_tracking
 

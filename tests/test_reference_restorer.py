@@ -7,7 +7,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 import ophav_core.stages  # noqa: E402,F401  (import the stages before ophav_core.testing.synthetic)
-from ophav_core.motion import euler_to_matrix  # noqa: E402
+from ophav_core.stages.motion import euler_to_matrix  # noqa: E402
 from ophav_core.stages import Portrait, RestoreInput  # noqa: E402
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_core.testing.synthetic import synthetic_tracking  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 from ophav_core.config import build_config, resolve
 from ophav_core.plugins import build_host
-from ophav_core.scheduler import Scheduler
+from ophav_core.pipeline.scheduler import Scheduler
 from ophav_core.testing.fakes import FAKE_CONFIG, FakePlugin
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -4,7 +4,7 @@ import pytest
 
 from ophav_core.config import build_config, resolve
 from ophav_core.plugins import build_host
-from ophav_core.scheduler import Scheduler
+from ophav_core.pipeline.scheduler import Scheduler
 from ophav_core.testing import fakes
 from ophav_core.testing.fakes import FAKE_CONFIG, FakePlugin
 from ophav_core.weights import sha256_of

@@ -20,7 +20,7 @@ from torch import nn  # noqa: E402
 
 from ophav_core.errors import UsageError, WeightsMissing  # noqa: E402
 from ophav_core.stages import FrameSet  # noqa: E402  (stages before motion: core import order)
-from ophav_core.motion import Motion  # noqa: E402
+from ophav_core.stages.motion import Motion  # noqa: E402
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_core.testing.synthetic import synthetic_portrait  # noqa: E402
 from ophav_core.weights import verify  # noqa: E402

@@ -8,7 +8,7 @@ from ophav_core.stages.base import Component
 from ophav_core.stages.data import FrameSet, Portrait
 
 if TYPE_CHECKING:  # the motion module imports the stage data; avoid a cycle at run time
-    from ophav_core.motion import Motion
+    from ophav_core.stages.motion import Motion
 
 
 class Image2Video(Component):

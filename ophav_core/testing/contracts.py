@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ophav_core.motion import Motion, default_script, motion_from_script
+from ophav_core.stages.motion import Motion, default_script, motion_from_script
 from ophav_core.profiles import PROFILES
 from ophav_core.stages import (AvatarCheckpoint, AvatarField, FrameSet, Image2Video, MaskSet, Portrait, RenderRequest,
                                RenderResult, RestoreInput, Restorer, RunContext, Segmenter, Tracker, Tracking)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ophav_core import hookimpl
 from ophav_core.errors import NoFaceFound
-from ophav_core.motion import Motion
+from ophav_core.stages.motion import Motion
 from ophav_core.registry import ComponentSpec
 from ophav_core.stages import (AvatarCheckpoint, AvatarField, FrameSet, Image2Video, MaskSet, Portrait, RenderRequest,
                                RenderResult, RestoreInput, Restorer, Segmenter, Tracker, Tracking)
@@ -77,7 +77,7 @@ class FakeTracker(Tracker):
         width, height = frames.size
         base = synthetic_tracking(max(n, 1), max(width, height), seed=0, max_yaw=0.0)
         yaw = frames.driving.get("yaw", np.zeros(n))
-        from ophav_core.motion import euler_to_matrix
+        from ophav_core.stages.motion import euler_to_matrix
 
         R = euler_to_matrix(yaw, np.zeros(n), np.zeros(n))
         expression = np.zeros((n, base.num_expressions), np.float32)

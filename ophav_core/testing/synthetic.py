@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ophav_core.motion import euler_to_matrix
+from ophav_core.stages.motion import euler_to_matrix
 from ophav_core.stages.data import FrameSet, MaskSet, Portrait, RestoreInput, Tracking
 
 

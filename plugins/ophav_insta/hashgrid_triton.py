@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ophav_insta.hashgrid import HashGridLayout, LevelTables
+from ophav_insta.hashgrid_layout import HashGridLayout, LevelTables
 
 BLOCK_FORWARD = 128
 BLOCK_BACKWARD = 128

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ophav_core.errors import InvalidData, NoFaceFound
-from ophav_core.motion import Motion
+from ophav_core.stages.motion import Motion
 from ophav_core.stages import FrameSet, Tracker, Tracking
 from ophav_mediapipe import fit
 from ophav_mediapipe.basis import build_basis, project_onto_basis

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ophav_core.errors import InvalidData, UsageError
-from ophav_core.motion import Motion
+from ophav_core.stages.motion import Motion
 from ophav_core.stages import FrameSet, Image2Video, Portrait, Tracking
 from ophav_meshwarp.options import MeshwarpOptions
 

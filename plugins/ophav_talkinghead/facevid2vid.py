@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ophav_core.errors import UsageError
-# stages before motion: importing ophav_core.motion first hits a circular import in core.
+# stages before motion: importing ophav_core.stages.motion first hits a circular import in core.
 from ophav_core.stages import FrameSet, Image2Video, Portrait  # isort: skip
-from ophav_core.motion import Motion  # isort: skip
+from ophav_core.stages.motion import Motion  # isort: skip
 from ophav_core.weights import require
 from ophav_talkinghead.checkpoints import load_strict, read_checkpoint
 from ophav_talkinghead.expressions import EXPRESSION_NAMES, expression_offsets
@@ -58,6 +58,11 @@ def load_facevid2vid(path, decoder: str = "auto", model_params: dict | None = No
         raise UsageError(f"model_params do not describe a valid network: {exc}") from exc
     load_strict(networks.modules(), states, path, f"face-vid2vid ({chosen} decoder)")
     return networks
+
+
+def verify_facevid2vid(path) -> None:
+    """Raise unless ``path`` loads strictly into the vox-256 face-vid2vid networks (either decoder)."""
+    load_facevid2vid(path)
 
 
 class FaceVid2Vid(Image2Video):

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from ophav_core.errors import UsageError
-# stages before motion: importing ophav_core.motion first hits a circular import in core.
+# stages before motion: importing ophav_core.stages.motion first hits a circular import in core.
 from ophav_core.stages import FrameSet, Image2Video, Portrait  # isort: skip
-from ophav_core.motion import Motion  # isort: skip
+from ophav_core.stages.motion import Motion  # isort: skip
 from ophav_core.weights import require
 from ophav_talkinghead.checkpoints import load_strict, read_checkpoint
 from ophav_talkinghead.fomm_net import FOMMNetworks, Keypoints, build_fomm, relative_keypoints
@@ -34,6 +34,11 @@ def load_fomm(path, model_params: dict | None = None) -> FOMMNetworks:
         raise UsageError(f"model_params do not describe a valid network: {exc}") from exc
     load_strict(networks.modules(), states, path, "FOMM")
     return networks
+
+
+def verify_fomm(path) -> None:
+    """Raise unless ``path`` loads strictly into the vox-256 FOMM networks (the component's own loader)."""
+    load_fomm(path)
 
 
 def hull_area(points: np.ndarray) -> float:

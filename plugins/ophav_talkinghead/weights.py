@@ -1,7 +1,6 @@
-"""The public checkpoints this plugin uses, for the weight store (no torch import at module level)."""
+"""The public checkpoints this plugin uses, for the weight store (no torch import at module level). Each is verified
+by its component's own strict loader, named here as ``module:function`` so this module imports neither."""
 from __future__ import annotations
-
-from pathlib import Path
 
 from ophav_core.weights import WeightFile
 
@@ -16,7 +15,7 @@ FOMM_VOX = WeightFile(
                 "from the README of AliaksandrSiarohin/first-order-model (a folder link; also on Yandex Disk: "
                 "https://yadi.sk/d/lEw8uRm140L_eQ). Released with the repository under CC BY-NC 4.0 "
                 "(non-commercial); trained on VoxCeleb.",
-    verify="ophav_talkinghead.weights:verify_fomm",
+    verify="ophav_talkinghead.fomm:verify_fomm",
 )
 
 FACEVID2VID_VOX = WeightFile(
@@ -30,19 +29,5 @@ FACEVID2VID_VOX = WeightFile(
                 "pose, SPADE decoder), from the README of zhanglonghao1992/"
                 "One-Shot_Free-View_Neural_Talking_Head_Synthesis (a MediaFire folder link). The repository "
                 "states no licence and the model is trained on VoxCeleb: treat it as research use only.",
-    verify="ophav_talkinghead.weights:verify_facevid2vid",
+    verify="ophav_talkinghead.facevid2vid:verify_facevid2vid",
 )
-
-
-def verify_fomm(path: Path) -> None:
-    """Raise unless ``path`` loads strictly into the vox-256 FOMM networks (the component's own loader)."""
-    from ophav_talkinghead.fomm import load_fomm
-
-    load_fomm(path)
-
-
-def verify_facevid2vid(path: Path) -> None:
-    """Raise unless ``path`` loads strictly into the vox-256 face-vid2vid networks (either decoder)."""
-    from ophav_talkinghead.facevid2vid import load_facevid2vid
-
-    load_facevid2vid(path)

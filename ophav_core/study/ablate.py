@@ -21,7 +21,7 @@ against the portrait (identity preserved through the restore rounds) and AED/APD
 tracking; with ``eval.driver`` also a cross-identity reenactment (``cross_*`` columns).
 
 Shared work is done once: cells that differ only after some step (the restorer, the number of rounds) take
-the finished steps they share from each other (the scheduler's step keys, see :mod:`ophav_core.scheduler`), and
+the finished steps they share from each other (the scheduler's step keys, see :mod:`ophav_core.pipeline.scheduler`), and
 the executors start a cell only after the cell it shares the most steps with has finished. Three round counts
 for two restorers train the first avatar once per portrait, not six times. ``--no-reuse`` computes every cell
 from scratch (to measure how much runs vary, say).
@@ -53,7 +53,7 @@ from typing import Any, Callable, Iterable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ophav_core.errors import OphavError, UsageError
-from ophav_core.evaluation import HEADERS, METRICS, format_value, parse_metrics
+from ophav_core.study.evaluation import HEADERS, METRICS, format_value, parse_metrics
 from ophav_core.registry import STAGE_KEYS
 
 STUDY_VERSION = 1
@@ -253,7 +253,7 @@ def check_cell(cell: Cell, cell_dir: Path, registry) -> str | None:
 
 
 def _registry():
-    from ophav_core.cli import get_host
+    from ophav_core.plugins import get_host
 
     return get_host().registry
 
@@ -269,7 +269,7 @@ def run_cell(cell: Cell, cell_dir: Path, registry=None, device: str | None = Non
     """Run (or resume) the cell's run and evaluate it; never raises for a failure of the cell itself: the
     result says ``failed`` with the error. Writes ``result.json``. With ``reuse``, steps another cell of the
     study finished with the same key are taken from it."""
-    from ophav_core.scheduler import write_json
+    from ophav_core.pipeline.scheduler import write_json
 
     cell_dir = Path(cell_dir)
     start = time.perf_counter()
@@ -289,10 +289,10 @@ def run_cell(cell: Cell, cell_dir: Path, registry=None, device: str | None = Non
 
 
 def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None, reuse: bool) -> dict[str, Any]:
-    from ophav_core import evaluation
+    from ophav_core.study import evaluation
     from ophav_core.config import build_config, resolve
     from ophav_core.media import read_image, read_video
-    from ophav_core.scheduler import Scheduler
+    from ophav_core.pipeline.scheduler import Scheduler
 
     write_cell_files(cell, cell_dir)
     resolved = resolve(build_config(cell_dir / "config.yaml"), registry)
@@ -329,7 +329,7 @@ def cell_step_keys(cell: Cell, registry) -> list[str]:
     """The cell's step keys up to its last restore round (the export is each cell's own). The device is left
     as a placeholder: within one study every cell runs on the same kind of device."""
     from ophav_core.config import RunConfig, format_validation, resolve
-    from ophav_core.scheduler import step_keys
+    from ophav_core.pipeline.scheduler import step_keys
 
     try:
         config = RunConfig(**cell.config_data())
@@ -448,7 +448,7 @@ class Study:
         return out
 
     def record(self, cell: Cell, result: dict[str, Any]) -> None:
-        from ophav_core.scheduler import write_json
+        from ophav_core.pipeline.scheduler import write_json
 
         if result.get("status") != "done" and not (self.cell_dir(cell) / "result.json").is_file():
             write_json(self.cell_dir(cell) / "result.json", result)  # the worker died before writing it
@@ -457,7 +457,7 @@ class Study:
 
     def save(self) -> None:
         from ophav_core import __version__
-        from ophav_core.scheduler import write_json
+        from ophav_core.pipeline.scheduler import write_json
 
         ids = {c.id for c in self.cells}
         write_json(self.root / "study.json", {
@@ -497,7 +497,7 @@ def run_processes(study: Study, cells: list[Cell], on_result: OnResult, gpus: in
                     write_cell_files(cell, cell_dir)
                     log = open(cell_dir / "worker.log", "ab")
                     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot))
-                    command = [sys.executable, "-m", "ophav_core.ablate", str(cell_dir)]
+                    command = [sys.executable, "-m", "ophav_core.study.ablate", str(cell_dir)]
                     command += [] if reuse else ["--no-reuse"]
                     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
                     running[slot] = (process, cell, log)
@@ -814,12 +814,12 @@ def run_study(grid_path: Path, out: Path, *, backend: str = "local", gpus: int =
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m ophav_core.ablate CELL_DIR [--no-reuse]``: run one cell (the local multi-GPU executor's
+    """``python -m ophav_core.study.ablate CELL_DIR [--no-reuse]``: run one cell (the local multi-GPU executor's
     worker)."""
     reuse = "--no-reuse" not in argv
     argv = [a for a in argv if a != "--no-reuse"]
     if len(argv) != 1:
-        print("usage: python -m ophav_core.ablate CELL_DIR [--no-reuse]", file=sys.stderr)
+        print("usage: python -m ophav_core.study.ablate CELL_DIR [--no-reuse]", file=sys.stderr)
         return 2
     cell_dir = Path(argv[0])
     cell = Cell.from_json(json.loads((cell_dir / "cell.json").read_text()))

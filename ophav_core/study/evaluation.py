@@ -74,13 +74,13 @@ LPIPS_ALEXNET = WeightFile(
     license="BSD-3-Clause (torchvision)", needed_by="LPIPS (ophav eval)",
     description="torchvision's ImageNet AlexNet; LPIPS uses its convolutional trunk (the linear heads ship with "
                 "the lpips package)",
-    verify="ophav_core.evaluation:verify_alexnet")
+    verify="ophav_core.study.evaluation:verify_alexnet")
 FID_INCEPTION = WeightFile(
     name="fid-inception", filename="weights-inception-2015-12-05-6726825d.pth",
     url="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
     license="Apache-2.0", needed_by="FID (ophav eval)",
     description="TensorFlow's 2015-12-05 Inception (the FID network) converted to PyTorch by torch-fidelity",
-    verify="ophav_core.evaluation:verify_inception")
+    verify="ophav_core.study.evaluation:verify_inception")
 ARCFACE_R100 = WeightFile(
     name="arcface-r100", filename="ms1mv3_arcface_r100_fp16_backbone.pth",
     url="https://github.com/deepinsight/insightface/tree/master/recognition/arcface_torch#model-zoo",
@@ -88,7 +88,7 @@ ARCFACE_R100 = WeightFile(
     needed_by="CSIM (ophav eval)",
     description="arcface_torch ms1mv3_arcface_r100_fp16/backbone.pth (download it from the model zoo page and "
                 "`ophav weights add arcface-r100 backbone.pth`); r18/r34/r50 backbones load as well",
-    verify="ophav_core.evaluation:verify_arcface")
+    verify="ophav_core.study.evaluation:verify_arcface")
 METRIC_WEIGHTS: dict[str, WeightFile] = {w.name: w for w in (LPIPS_ALEXNET, FID_INCEPTION, ARCFACE_R100)}
 
 
@@ -628,7 +628,7 @@ def self_reenactment(field_component, tracker, avatar, frames: FrameSet, masks: 
         avatar was trained on it), else the frames are tracked again into the avatar's basis.
     portrait: when given, CSIM compares each render with the portrait (identity against the person's photo)
         instead of with its frame."""
-    from ophav_core.animate import tracking_for_request
+    from ophav_core.pipeline.animate import tracking_for_request
 
     masks.check_matches(frames)
     if every < 1:
@@ -691,7 +691,7 @@ def cross_reenactment(field_component, tracker, avatar, driver: FrameSet, portra
     """Drive the avatar with another person's video (relative motion from the driver's first frame, as
     ``ophav render --driver``); expression, pose and keypoints against the driver, identity against the
     portrait, FID against the driver's frames matted by ``segmenter``."""
-    from ophav_core.animate import requests_from_driver, tracking_for_request
+    from ophav_core.pipeline.animate import requests_from_driver, tracking_for_request
 
     template = avatar.template
     if driver_tracking is None:
@@ -756,7 +756,7 @@ def load_reference(folder: Path) -> tuple[FrameSet, MaskSet, Tracking, dict[str,
 def write_outputs(out: Path, results: Sequence[EvalResult], extra: dict[str, Any] | None = None) -> str:
     """metrics.json, table.md and compare.png (renders above their frames) in ``out``; returns the table."""
     from ophav_core.media import contact_sheet, pick_evenly, save_png
-    from ophav_core.scheduler import write_json
+    from ophav_core.pipeline.scheduler import write_json
 
     out.mkdir(parents=True, exist_ok=True)
     rows = [r.to_json() for r in results]

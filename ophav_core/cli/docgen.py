@@ -1,4 +1,4 @@
-"""Generate the reference documentation from the code, so it cannot drift: ``python -m ophav_core.docgen docs``
+"""Generate the reference documentation from the code, so it cannot drift: ``python -m ophav_core.cli.docgen docs``
 writes ``docs/cli.md`` (every command and option), ``docs/config.md`` (run config, profiles, every component's
 options) and ``docs/weights.md`` (every weights file a plugin declares). A test checks the committed files match."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ def cli_reference() -> str:
     from ophav_core.cli import app
 
     root = typer.main.get_command(app)
-    lines = ["# Command-line reference", "", "Generated from the code by `python -m ophav_core.docgen docs`.", ""]
+    lines = ["# Command-line reference", "", "Generated from the code by `python -m ophav_core.cli.docgen docs`.", ""]
 
     def walk(command, prefix: str) -> None:
         subcommands = getattr(command, "commands", None)
@@ -63,7 +63,7 @@ def config_reference() -> str:
     from ophav_core.plugins import build_host
     from ophav_core.profiles import PROFILES, Profile
 
-    lines = ["# Configuration reference", "", "Generated from the code by `python -m ophav_core.docgen docs`.", "",
+    lines = ["# Configuration reference", "", "Generated from the code by `python -m ophav_core.cli.docgen docs`.", "",
              "A run config (YAML, `--config FILE`) chooses one component per stage with its options; CLI flags and "
              "`--set stage.option=value` override it. Example:", "", "```yaml", "profile: standard", "rounds: 2"]
     for stage, name in DEFAULT_COMPONENTS.items():
@@ -95,7 +95,7 @@ def weights_reference() -> str:
     from ophav_core.plugins import build_host
 
     host = build_host()
-    lines = ["# Weights", "", "Generated from the code by `python -m ophav_core.docgen docs`.", "",
+    lines = ["# Weights", "", "Generated from the code by `python -m ophav_core.cli.docgen docs`.", "",
              "No weights are needed for the default pipeline. Components with public weights read them from the "
              "weight store: `$OPHAV_WEIGHTS` (default `~/.cache/ophav/weights`). Put a file there with "
              "`ophav weights add NAME FILE` (verified first), or `ophav weights fetch NAME` where the address can "

@@ -255,7 +255,7 @@ def plot_pose(tracking: Tracking, path: str | os.PathLike, fps: float = 25.0, ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ophav_core.motion import matrix_to_euler
+    from ophav_core.stages.motion import matrix_to_euler
 
     yaw, pitch, roll = matrix_to_euler(tracking.rotation)
     t = np.arange(len(tracking)) / fps

@@ -6,19 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ophav_core.cli import _component_option, _echo, app, get_host
-from ophav_core.errors import UsageError
-
-
-def _label_for(avatar: Path) -> str:
-    """runs/NAME/avatar/avatar.ckpt -> NAME; a step's checkpoint inside a run (runs/NAME/round1/avatar.ckpt,
-    runs/NAME/fit/avatar.ckpt) -> NAME/round1, NAME/fit; anything else -> the file's stem."""
-    run = avatar.parent.parent
-    if avatar.parent.name == "avatar" and avatar.stem == "avatar":
-        return run.name or avatar.stem
-    if avatar.stem == "avatar" and (run / "manifest.json").is_file():
-        return f"{run.name}/{avatar.parent.name}"
-    return avatar.stem
+from ophav_core.cli.root import _component_option, _echo, app
+from ophav_core.plugins import get_host
 
 
 @app.command("eval")
@@ -44,51 +33,11 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Measure avatars with the paper's metrics (PSNR SSIM LPIPS FID CSIM AED APD AKD) and print Table 1."""
-    from ophav_core import evaluation
-    from ophav_core.cli_data import _avatar_description, _context, _create
-    from ophav_core.config import DEFAULT_COMPONENTS
-    from ophav_core.media import read_image, read_video
+    from ophav_core import api
 
-    if (dataset is None) == (driver is None):
-        raise UsageError("give --dataset DIR (self-reenactment) or --driver VIDEO (cross-identity reenactment)")
-    if label and len(label) != len(avatars):
-        raise UsageError(f"{len(label)} --label for {len(avatars)} avatar(s)")
-    wanted = evaluation.parse_metrics(metrics)
-    for avatar in avatars:
-        if not avatar.is_file():
-            raise UsageError(f"avatar {avatar} does not exist")
-    reference = evaluation.load_reference(dataset) if dataset is not None else None
-    video = read_video(driver, max_frames=max_frames) if driver is not None else None
-    explicit_portrait = read_image(portrait) if portrait is not None else None
-    context = _context(out / ".work", "standard", device, quiet)  # components' scratch space
-    results = []
-    for i, avatar in enumerate(avatars):
-        meta = _avatar_description(avatar)
-        components = meta.get("components", {})
-        field_c, _ = _create("field", field or meta.get("field") or DEFAULT_COMPONENTS["field"], [], context)
-        tracker_c, _ = _create("tracker", tracker or meta.get("tracker") or DEFAULT_COMPONENTS["tracker"], [], context)
-        ckpt = field_c.load(avatar)
-        name = label[i] if label else _label_for(avatar)
-        person = explicit_portrait
-        if person is None and video is not None and meta.get("portrait") and Path(meta["portrait"]).is_file():
-            person = read_image(meta["portrait"])
-        if reference is not None:
-            frames, masks, tracking, _ = reference
-            result = evaluation.self_reenactment(field_c, tracker_c, ckpt, frames, masks, tracking, every=every,
-                                                 portrait=person, metrics=wanted, device=context.device, label=name,
-                                                 max_frames=max_frames)
-        else:
-            segmenter_c, _ = _create("segmenter", segmenter or components.get("segmenter")
-                                     or DEFAULT_COMPONENTS["segmenter"], [], context)
-            result = evaluation.cross_reenactment(field_c, tracker_c, ckpt, video, person, segmenter=segmenter_c,
-                                                  metrics=wanted, device=context.device, label=name,
-                                                  resolution=(size, size) if size else None)
-        result.settings["avatar"] = str(avatar)
-        result.settings["source"] = str(dataset or driver)
-        results.append(result)
-        if not quiet:
-            _echo(f"evaluated {name}")
-    table = evaluation.write_outputs(out, results)
+    table = api.evaluate(avatars, out, dataset=dataset, driver=driver, portrait=portrait, every=every,
+                         metrics=metrics, labels=label, max_frames=max_frames, size=size, field=field,
+                         tracker=tracker, segmenter=segmenter, device=device, quiet=quiet, log=_echo)
     typer.echo(table)
     _echo(f"wrote {out / 'metrics.json'}, {out / 'table.md'} and {out / 'compare.png'}")
 
@@ -116,7 +65,7 @@ def ablate(
     Writes results.csv, results.md and plot.png in the study folder. Finished cells are kept: run the same
     command again to resume or to retry failed cells.
     """
-    from ophav_core import ablate as study_lib
+    from ophav_core.study import ablate as study_lib
 
     out = out or Path("studies") / grid.stem
     if dry_run or report_only:
@@ -134,10 +83,10 @@ def ablate(
         typer.echo((out / "results.md").read_text())
         _echo(f"wrote {paths['csv']}, {paths['md']}" + (f", {paths['plot']}" if paths["plot"] else ""))
         return
-    log = (lambda m: None) if quiet else _echo
-    study = study_lib.run_study(grid, out, backend=backend, gpus=gpus, address=address, retry_failed=retry_failed,
-                                skip_invalid=skip_invalid, registry=get_host().registry, device=device, log=log,
-                                reuse=reuse)
+    from ophav_core import api
+
+    study = api.ablate(grid, out, backend=backend, gpus=gpus, address=address, retry_failed=retry_failed,
+                       skip_invalid=skip_invalid, reuse=reuse, device=device, quiet=quiet, log=_echo)
     typer.echo((study.root / "results.md").read_text())
     failed = [c.id for c in study.cells if study.status.get(c.id, {}).get("status") == "failed"]
     plot = study.root / "plot.png"

@@ -372,7 +372,7 @@ class Scheduler:
                 return RunResult(self.root, avatar.path, self.timings, f"round{r}")
         final = self._step(manifest, "export", ["avatar/avatar.ckpt", "avatar/avatar.json", "preview.mp4"],
                            lambda: self._export(avatar, frames.frames[0]), lambda: self.root / "avatar/avatar.ckpt")
-        from ophav_core.report import write_report
+        from ophav_core.pipeline.report import write_report
 
         write_report(self.root, manifest.data, self.timings)
         return RunResult(self.root, final, self.timings)
@@ -387,7 +387,7 @@ class Scheduler:
         return tracking
 
     def _driving_motion(self):
-        from ophav_core import motion as motion_lib
+        from ophav_core.stages import motion as motion_lib
 
         profile, driver = self.resolved.profile, self.resolved.config.driver
         if driver is None:
@@ -448,7 +448,7 @@ class Scheduler:
         request_rel, tracking_rel = f"{folder}/request.npz", f"{folder}/tracking.npz"
 
         def render() -> tuple[RenderResult, Tracking]:
-            from ophav_core.animate import jittered_views, tracking_for_request
+            from ophav_core.pipeline.animate import jittered_views, tracking_for_request
             from ophav_core.stages.base import hash_str
 
             rng = np.random.default_rng([self.resolved.config.seed, hash_str(f"round{r}")])
@@ -519,7 +519,7 @@ def restore_input(renders: RenderResult, views: Tracking, portrait: Portrait, po
 
 def preview_motion(template: Tracking, tracker, frames: int, fps: float):
     """A turntable (-45 to +45 degrees) followed by an expression sweep, with the sweep's coefficients."""
-    from ophav_core.motion import Motion, expression_sweep, turntable
+    from ophav_core.stages.motion import Motion, expression_sweep, turntable
 
     half = max(2, frames // 2)
     turn, sweep = turntable(half, fps, 45.0), expression_sweep(frames - half if frames - half >= 2 else 2, fps)
@@ -537,7 +537,7 @@ def write_preview(path: Path, field, tracker, avatar: AvatarCheckpoint, referenc
                   fps: float) -> None:
     """preview.mp4: the portrait (as the pipeline framed it: the coarse video's first frame) beside the avatar
     turning its head and going through expressions."""
-    from ophav_core.animate import requests_from_motion
+    from ophav_core.pipeline.animate import requests_from_motion
     from ophav_core.media import square_resize, write_video
 
     motion, expressions = preview_motion(avatar.template, tracker, frames, fps)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ophav_core.motion import Motion
+from ophav_core.stages.motion import Motion
 from ophav_core.stages.data import RenderRequest, Tracking, scale_intrinsics
 
 
@@ -55,7 +55,7 @@ def jittered_views(tracking: Tracking, count: int, rng: np.random.Generator, max
                    max_pitch: float = 12.0) -> RenderRequest:
     """``count`` render requests for the iterative dataset update: tracked expressions and poses, each turned by
     a random extra yaw/pitch so that the restored set also covers views the coarse video showed less."""
-    from ophav_core.motion import euler_to_matrix
+    from ophav_core.stages.motion import euler_to_matrix
 
     index = rng.choice(len(tracking), size=count, replace=count > len(tracking))
     yaw = rng.uniform(-max_yaw, max_yaw, count)
