@@ -448,7 +448,6 @@ def _eye_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> np.ndarray:
             continue
         closure = 1.0 - contour_opening(points2d, contour) / open_src
         alpha = float(smoothstep((closure - 0.35) / 0.5))
-        alphas[k] = alpha
         if alpha <= 0.0:
             continue
         # The eye's opening, and (less) the stretched lid above it, whose lashes would smear down, become lid
@@ -456,6 +455,11 @@ def _eye_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> np.ndarray:
         opening = src.parts.eye_face_owner[tri] == k
         lid = src.parts.above_eye_faces[k][tri]
         sel = opening | lid
+        if not sel.any():
+            # The eye covers no pixel of this frame (a face a few pixels wide, or the eye turned away): there is
+            # nothing to cover, and a lash line drawn there would be a stray dark stroke.
+            continue
+        alphas[k] = alpha
         r, c = raster.rows[sel], raster.cols[sel]
         r0, r1, c0, c1 = r.min(), r.max() + 1, c.min(), c.max() + 1
         pad = int(np.ceil(2 * max(1.0, 0.01 * src.face_width_px)))
