@@ -43,6 +43,27 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
 # ---------------------------------------------------------------------------------------------- main
 
 
+def _one_line(text: str) -> str:
+    """A message on one line, without a leading ``error:`` of its own (a library's, or one re-raised)."""
+    text = " ".join(text.split())
+    while text.lower().startswith("error:"):
+        text = text[len("error:"):].lstrip()
+    return text
+
+
+def unexpected_failure(exc: BaseException, limit: int = 300) -> str:
+    """The line for an exception ophav did not anticipate: ophav's sentence, then the library's own message
+    once, named by its module (``cv2.error``, not a bare ``error``), cut to ``limit`` characters."""
+    kind = type(exc)
+    module = kind.__module__.split(".")[0]
+    name = kind.__name__ if module in ("builtins", "__main__") else f"{module}.{kind.__name__}"
+    detail = _one_line(str(exc))
+    if len(detail) > limit:
+        detail = detail[:limit - 3].rstrip() + "..."
+    said = f"{name}: {detail}" if detail else name
+    return f"unexpected failure ({said}); run with --debug for the traceback"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("OPHAV_DEBUG") == "1"
@@ -60,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except OphavError as exc:
         if debug:
             raise
-        _echo(f"error: {exc}")
+        _echo(f"error: {_one_line(str(exc))}")
         code = exc.exit_code
     except Exception as exc:  # noqa: BLE001 - one readable line instead of a traceback
         # Typer's (click's) own exceptions; recent Typer vendors click, so match them by shape, not by class.
@@ -76,6 +97,6 @@ def main(argv: list[str] | None = None) -> None:
         elif debug:
             raise
         else:
-            _echo(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            _echo(f"error: {unexpected_failure(exc)}")
             code = 1
     sys.exit(code if isinstance(code, int) else 0)

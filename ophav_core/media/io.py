@@ -13,33 +13,17 @@ from typing import Sequence
 import numpy as np
 
 from ophav_core.errors import OphavError, UsageError
+from ophav_core.media.portrait import read_portrait
 from ophav_core.stages.data import FrameSet, MaskSet, Portrait, Tracking, atomic_write_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
 
 
-def _decode_image(data: bytes, source: str) -> np.ndarray:
-    import cv2
-
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise UsageError(f"{source} is not an image that can be read (PNG, JPEG, BMP, WebP or TIFF)")
-    return np.ascontiguousarray(image[:, :, ::-1])
-
-
 def read_image(path: str | os.PathLike) -> Portrait:
-    """A portrait from an image file; a clear UsageError when the file is missing or not an image."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"portrait {path} does not exist")
-    if path.is_dir():
-        raise UsageError(f"portrait {path} is a folder, not an image file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read portrait {path}: {exc.strerror}") from exc
-    return Portrait(_decode_image(data, str(path)), source=str(path))
+    """A portrait from an image file, through :func:`~ophav_core.media.portrait.read_portrait`: size and pixel
+    count are checked before decoding, and a clear UsageError names the file and the problem."""
+    return read_portrait(path)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -72,7 +56,7 @@ def read_video(path: str | os.PathLike, max_frames: int | None = None, size: int
         if not files:
             raise UsageError(f"folder {path} holds no images")
         for p in files[:max_frames]:
-            frames.append(_decode_image(p.read_bytes(), str(p)))
+            frames.append(read_portrait(p, what="frame").image)
     elif importlib.util.find_spec("av") is not None:
         frames, fps = _read_video_av(path, max_frames)
     else:
