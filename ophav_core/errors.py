@@ -32,3 +32,8 @@ class WeightsMissing(OphavError):
 
 class NoFaceFound(OphavError):
     pass
+
+
+class UnreadableCheckpoint(InvalidData):
+    """A file given as a checkpoint is empty, damaged, not a PyTorch file, or holds Python objects beyond
+    tensors (which could run code, so it is never unpickled)."""

@@ -166,3 +166,99 @@ def status(weights: dict[str, WeightFile], full: bool = False) -> list[dict[str,
                      "path": str(path), "needed_by": weight.needed_by, "license": weight.license,
                      "restricted": weight.restricted, "url": weight.url})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+
+
+def load_tensors(path: str | os.PathLike, what: str = "a checkpoint") -> Any:
+    """The content of a PyTorch file (tensors, numbers, strings and containers), loaded with
+    ``torch.load(weights_only=True)``, so nothing in the file runs.
+
+    Refusals raise :class:`~ophav_core.errors.UnreadableCheckpoint` with one line naming the file and the
+    problem: empty, truncated or not a PyTorch file, or holding Python objects beyond tensors. torch's own
+    message for the last case suggests loading without the restriction; it is never passed on.
+
+    what: what the file should be, for messages ("an ophav avatar", "the GFPGANv1.4.pth weights")."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    from ophav_core.errors import UnreadableCheckpoint
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UnreadableCheckpoint(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise UnreadableCheckpoint(f"{path} is empty; it is not {what}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        objects = pickled_globals(path)
+        if objects is None:
+            raise UnreadableCheckpoint(f"{path} is not {what}: it is not a PyTorch file (neither a zip archive "
+                                       f"nor a pickle)") from None
+        if not objects:
+            raise UnreadableCheckpoint(f"{path} is not {what}: it is a plain pickle, not a file written by "
+                                       f"torch.save") from None
+        named = ", ".join(objects[:3]) + (" ..." if len(objects) > 3 else "")
+        raise UnreadableCheckpoint(f"{path} is not {what}: it holds Python objects that are not tensors ({named}), "
+                                   f"which could run code, so ophav refused to load it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
+        raise UnreadableCheckpoint(f"{path} is not {what}: it is truncated or not a PyTorch file "
+                                   f"({_first_sentence(exc)})") from None
+
+
+def pickled_globals(path: str | os.PathLike) -> list[str] | None:
+    """The Python globals (``module.name``) beyond torch's own that the pickles in ``path`` would import (a
+    pickle, the ``data.pkl`` of a torch zip file, or the pickles one after another of torch's legacy format),
+    read with :mod:`pickletools`, which decodes opcodes and never executes them; None when it is no pickle."""
+    import io
+    import pickletools
+    import zipfile
+
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                data = archive.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    pickles = 0
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        try:
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except (ValueError, EOFError, UnicodeDecodeError):
+            break  # not a pickle (any more): the raw tensor bytes of the legacy format, or no pickle at all
+        pickles += 1
+    if not pickles:
+        return None
+    torch_own = ("torch.", "collections.OrderedDict")
+    return [name for name in dict.fromkeys(found) if not name.startswith(torch_own)]
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The first sentence of a library's message; never one of torch's that suggests ``weights_only=False``."""
+    text = " ".join(str(exc).split())
+    sentence = text.split(". ")[0][:160]
+    if not sentence or "weights_only" in sentence:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {sentence}"

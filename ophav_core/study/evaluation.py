@@ -244,9 +244,9 @@ def _to_tensor(images: np.ndarray, device: str):
 
 
 def _safe_load(path: Path) -> dict[str, Any]:
-    import torch
+    from ophav_core.weights import load_tensors
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path, what="a state dict")
     if not isinstance(state, dict):
         raise InvalidData(f"{path} does not hold a state dict (found {type(state).__name__})")
     return state

@@ -24,28 +24,14 @@ def fix_hint(weight: WeightFile) -> str:
 
 
 def read_checkpoint(path: Path, weight: WeightFile) -> Any:
-    """The unpickled content of ``path`` (tensors and containers only)."""
-    import pickle
-    import zipfile
-
-    import torch
+    """The unpickled content of ``path`` (tensors and containers only; see :func:`ophav_core.weights.load_tensors`)."""
+    from ophav_core.errors import UnreadableCheckpoint
+    from ophav_core.weights import load_tensors
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only refused a global: the file holds objects other than tensors (maybe code); never retry
-        # without the restriction.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsInvalid(f"{path} is not a plain weights file for {weight.filename}: it contains objects "
-                             f"that are not tensors and was not loaded ({reason}). {fix_hint(weight)}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as exc:
-        raise WeightsInvalid(f"{path} cannot be read as {weight.filename} (truncated or not a PyTorch file: "
-                             f"{type(exc).__name__}: {_first_sentence(exc)}). {fix_hint(weight)}") from None
-
-
-def _first_sentence(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text.split(". ")[0][:160]
+        return load_tensors(path, what=f"a plain weights file for {weight.filename}")
+    except UnreadableCheckpoint as exc:
+        raise WeightsInvalid(f"{exc}. {fix_hint(weight)}") from None
 
 
 def describe(obj: Any) -> str:

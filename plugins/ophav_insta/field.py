@@ -281,15 +281,12 @@ def write_checkpoint(out: Path, trainer: Any, template: Tracking, info: dict[str
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (no code runs: ``weights_only=True``) and check its format."""
-    import torch
+    from ophav_core.weights import load_tensors
 
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"avatar checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise InvalidData(f"{path} is not a readable insta checkpoint: {exc}") from None
+    ckpt = load_tensors(path, what="an ophav avatar (insta checkpoint)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InvalidData(f"{path} is not an insta checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'})")
     if int(ckpt.get("version", 0)) > VERSION:

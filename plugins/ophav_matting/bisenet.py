@@ -183,7 +183,9 @@ def adapt_state_dict(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
 
 def load_bisenet(path: str | Path, device: str = "cpu") -> BiSeNet:
     """BiSeNet with the weights in ``path`` (loaded strictly, tensors only), in eval mode on ``device``."""
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    from ophav_core.weights import load_tensors
+
+    state = load_tensors(path, what="the BiSeNet face-parsing weights (79999_iter.pth)")
     model = BiSeNet(NUM_CLASSES)
     model.load_state_dict(adapt_state_dict(state, model), strict=True)
     return model.eval().to(device)

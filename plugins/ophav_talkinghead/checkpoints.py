@@ -7,7 +7,6 @@ optimizer states). Only the network entries are read; the others are ignored.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,14 @@ def read_checkpoint(path: str | Path, required: tuple[str, ...], what: str) -> d
     """The ``required`` state dicts of the checkpoint at ``path`` (tensors on the CPU).
 
     what: the file's public name, for messages (``vox-cpk.pth.tar``)."""
+    from ophav_core.errors import UnreadableCheckpoint
+    from ophav_core.weights import load_tensors
+
     path = Path(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as the {what} checkpoint: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        data = load_tensors(path, what=f"the {what} checkpoint")
+    except UnreadableCheckpoint as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} is not the {what} checkpoint: expected a dict with keys "
                               f"{', '.join(required)}, found a {type(data).__name__}")
