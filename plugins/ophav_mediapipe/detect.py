@@ -101,6 +101,47 @@ def _settle(face_mesh, image: np.ndarray, result, width: int, height: int, toler
     return result
 
 
+def _window_origins(length: int, side: int, stride: int) -> list[int]:
+    """Window starts covering ``length`` pixels, the last one flush with the end."""
+    starts = list(range(0, max(length - side, 0) + 1, stride))
+    if starts[-1] + side < length:
+        starts.append(length - side)
+    return starts
+
+
+def _distinct(faces: list[np.ndarray]) -> list[np.ndarray]:
+    """One face per person: overlapping windows see the same face; keep the largest view of each."""
+    kept: list[np.ndarray] = []
+    for face in sorted(faces, key=lambda f: -np.ptp(f[:, 0]) * np.ptp(f[:, 1])):
+        centre, width = face[:, :2].mean(axis=0), np.ptp(face[:, 0])
+        if all(np.linalg.norm(centre - k[:, :2].mean(axis=0)) > 0.5 * max(width, np.ptp(k[:, 0])) for k in kept):
+            kept.append(face)
+    return kept
+
+
+def search_small_faces(face_mesh, frame: np.ndarray, min_detection_size: int, smallest_window: int = 128
+                       ) -> list[np.ndarray]:
+    """Faces too small for the detector in the whole frame (a face of 40 pixels in a 1600x1200 photo is 3
+    pixels at the detector's 128x128 input): windows of half the frame's shorter side, then a quarter, ...,
+    down to ``smallest_window`` pixels, overlapping by half, each upscaled for detection. Stops at the first
+    window size that finds a face. Landmarks are in frame pixels; one (V, 3) array per distinct face."""
+    height, width = frame.shape[:2]
+    side = min(height, width) // 2
+    while side >= smallest_window:
+        found = []
+        stride = side // 2
+        for y0 in _window_origins(height, side, stride):
+            for x0 in _window_origins(width, side, stride):
+                window = np.ascontiguousarray(_upscale_for_detection(frame[y0:y0 + side, x0:x0 + side],
+                                                                     min_detection_size))
+                for face in face_mesh.process(window).multi_face_landmarks or []:
+                    found.append(_to_pixels(face, side, side) + np.array([x0, y0, 0.0]))
+        if found:
+            return _distinct(found)
+        side //= 2
+    return []
+
+
 def detect_landmarks(frames: np.ndarray, single_image: bool = False, min_detection_confidence: float = 0.5,
                      min_detection_size: int = 256, face_mesh=None) -> Detections:
     """Face-mesh landmarks of every frame (N, H, W, 3) uint8 RGB; frames without a face are marked invalid."""
@@ -124,11 +165,13 @@ def detect_landmarks(frames: np.ndarray, single_image: bool = False, min_detecti
             result = face_mesh.process(image)
             if not single_image and result.multi_face_landmarks and (i == 0 or not valid[i - 1]):
                 result = _settle(face_mesh, image, result, width, height)
+            points = [_to_pixels(f, width, height) for f in result.multi_face_landmarks or []]
+            if not points and single_image:
+                with native_stderr_silenced():  # the graph logs when it first sees a window of a new size
+                    points = search_small_faces(face_mesh, frames[i], min_detection_size)
             spent += time.perf_counter() - start
-            faces = result.multi_face_landmarks or []
-            if not faces:
+            if not points:
                 continue
-            points = [_to_pixels(f, width, height) for f in faces]
             if len(points) > 1:
                 crowded.append(i)
             landmarks[i] = _largest(points)
