@@ -147,3 +147,56 @@ def rotate_quarter_turns(portrait: Portrait, turns: int) -> Portrait:
     if turns == 0:
         return portrait
     return Portrait(np.ascontiguousarray(np.rot90(portrait.image, turns)), source=portrait.source)
+
+
+def in_plane_tilt(rotation: np.ndarray) -> float:
+    """Degrees the head is turned in the image plane (0 upright; positive: its top turned to the image's left,
+    as in a photo stored turned 90 degrees counter-clockwise). From a head->camera rotation, camera y down."""
+    R = np.asarray(rotation, np.float64).reshape(3, 3)
+    return float(np.degrees(np.arctan2(R[0, 1], R[1, 1])))
+
+
+def track_upright(portrait: Portrait, track, source: str = "") -> tuple[Portrait, object, int]:
+    """The portrait turned upright (by quarter turns) and its tracking, for photos stored sideways or upside
+    down without an EXIF orientation.
+
+    track: portrait -> Tracking (one image), raising NoFaceFound. A face found tilted by more than 45 degrees
+    is turned by the quarter turns that undo the tilt. Without a face as stored, the sideways turns are tried,
+    then upside down (last: a face-mesh fit on an upside-down face can look upright). Warns which turn was
+    used; returns (portrait, tracking, quarter turns counter-clockwise). Without a face at any turn, the
+    tracker's NoFaceFound for the portrait as stored is raised."""
+    from ophav_core.errors import NoFaceFound
+
+    def tracked(turns: int):
+        turned = rotate_quarter_turns(portrait, turns)
+        return turned, track(turned), turns % 4
+
+    def upright(found):
+        """A tilted face turned by the quarter turns that undo the tilt, when the tracker agrees."""
+        tilt = in_plane_tilt(found[1].rotation[0])
+        if abs(tilt) <= 45:
+            return found
+        try:
+            again = tracked(found[2] + int(round(-tilt / 90)))
+        except NoFaceFound:
+            return found  # a tilted face is still a face
+        return again if abs(in_plane_tilt(again[1].rotation[0])) <= 45 else found
+
+    try:
+        found = upright(tracked(0))
+    except NoFaceFound as as_stored:
+        for turns in (1, 3, 2):
+            try:
+                found = upright(tracked(turns))
+                break
+            except NoFaceFound:
+                continue
+        else:
+            raise as_stored
+    turned, tracking, turns = found
+    if turns:
+        how = {1: "90 degrees counter-clockwise", 2: "upside down (180 degrees)", 3: "90 degrees clockwise"}[turns]
+        warnings.warn(f"{source or portrait.source or 'the portrait'}: the face is upright with the picture turned "
+                      f"{how}; using it turned (turn the file, or set its EXIF orientation, to silence this)",
+                      stacklevel=2)
+    return turned, tracking, turns
