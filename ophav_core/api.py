@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -251,7 +252,9 @@ def render(avatar: str | Path, *, driver: str | Path | None = None, script: str 
     if views is not None and views not in ("turntable", "expressions"):
         raise UsageError(f"--views {views!r}: choose turntable or expressions")
     meta = avatar_description(avatar)
-    work = context(avatar.parent / ".render-work", "standard", device, quiet)
+    # Scratch space in a temporary folder, removed when this function returns: rendering writes only --out.
+    scratch = tempfile.TemporaryDirectory(prefix="ophav-render-")
+    work = context(Path(scratch.name), "standard", device, quiet)
     field_c, _ = create("field", field or meta.get("field", "insta"), work)
     tracker_c, _ = create("tracker", tracker or meta.get("tracker", "mediapipe"), work)
     ckpt = field_c.load(avatar)

@@ -336,10 +336,12 @@ class Scheduler:
     def _run(self, manifest: Manifest) -> RunResult:
         from ophav_core.media import read_image
 
-        portrait = read_image(self.portrait_path)
-        portrait_tracking = self._step(manifest, "portrait", ["input/portrait.npz", "input/portrait_tracking.npz"],
-                                       lambda: self._track_portrait(portrait),
-                                       lambda: Tracking.load(self.root / "input/portrait_tracking.npz"))
+        # The portrait as the run uses it (turned upright if it was stored sideways) is the step's output.
+        portrait, portrait_tracking = self._step(
+            manifest, "portrait", ["input/portrait.npz", "input/portrait_tracking.npz"],
+            lambda: self._track_portrait(read_image(self.portrait_path)),
+            lambda: (Portrait.load(self.root / "input/portrait.npz"),
+                     Tracking.load(self.root / "input/portrait_tracking.npz")))
         if self._stop("portrait"):
             return RunResult(self.root, None, self.timings, "portrait")
         frames = self._step(manifest, "image2video", ["image2video/frames.npz"],
@@ -379,12 +381,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ steps
 
-    def _track_portrait(self, portrait: Portrait) -> Tracking:
+    def _track_portrait(self, portrait: Portrait) -> tuple[Portrait, Tracking]:
+        from ophav_core.media import track_upright
+
+        tracker, source = self.component("tracker"), str(self.portrait_path)
+        portrait, tracking, _ = track_upright(
+            portrait, lambda p: tracker.track(FrameSet(p.image[None], fps=1.0), single_image=True, source=source),
+            source)
         portrait.save(self.root / "input/portrait.npz")
-        tracking = self.component("tracker").track(FrameSet(portrait.image[None], fps=1.0), single_image=True,
-                                                   source=str(self.portrait_path))
         tracking.save(self.root / "input/portrait_tracking.npz")
-        return tracking
+        return portrait, tracking
 
     def _driving_motion(self):
         from ophav_core.stages import motion as motion_lib
