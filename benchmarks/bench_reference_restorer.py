@@ -101,14 +101,14 @@ def reproject(portrait: np.ndarray, tracking, yaw: float, pitch: float):
     import cv2
 
     from ophav_core.stages.motion import euler_to_matrix
-    from ophav_reference.raster import rasterise
+    from ophav_core.media.raster import rasterise
 
     turn = euler_to_matrix([yaw], [pitch], [0.0])[0].astype(np.float64)
     t = tracking.translation[0].astype(np.float64)
     cam = (tracking.vertices[0].astype(np.float64) - t) @ turn.T + t
     v2d = tracking.project(cam)
     raster = rasterise(v2d, cam[:, 2], tracking.faces, portrait.shape[:2])
-    source = raster.interpolate(tracking.project(tracking.vertices[0].astype(np.float64)), tracking.faces)
+    source = raster.interpolate(tracking.project(tracking.vertices[0].astype(np.float64)))
     map_x = np.arange(portrait.shape[1], dtype=np.float32)[None].repeat(portrait.shape[0], 0)
     map_y = np.arange(portrait.shape[0], dtype=np.float32)[:, None].repeat(portrait.shape[1], 1)
     map_x[raster.ys, raster.xs] = source[:, 0]

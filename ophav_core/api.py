@@ -42,13 +42,14 @@ def _logger(log: Log | None, quiet: bool) -> Log:
 
 def context(work_dir: Path, profile: str = "standard", device: str | None = None, quiet: bool = False):
     """A RunContext for components used outside a run (scratch space in ``work_dir``)."""
+    from ophav_core.components import registry_components
     from ophav_core.pipeline.scheduler import resolve_device
     from ophav_core.profiles import get_profile
     from ophav_core.stages import RunContext
 
     work_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(device=resolve_device(device or "auto"), profile=get_profile(profile), seed=0,
-                      work_dir=work_dir, quiet=quiet)
+                      work_dir=work_dir, quiet=quiet, components=registry_components())
 
 
 def create(stage: str, name: str, context, sets: Sequence[str] = ()):

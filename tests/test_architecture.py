@@ -8,8 +8,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = [ROOT / "ophav_core", *sorted(p for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").is_file())]
 
@@ -109,7 +107,6 @@ def test_no_import_cycles():
         " <-> ".join(cycle) for cycle in cycles)
 
 
-@pytest.mark.xfail(reason="meshwarp still builds mediapipe's tracker itself (issue 13, in progress)", strict=True)
 def test_plugins_import_only_the_core_and_themselves():
     modules = _modules()
     offenders = []

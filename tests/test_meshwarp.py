@@ -15,12 +15,11 @@ from ophav_core.stages.motion import (Motion, default_script, matrix_to_euler, m
                                relative_motion_from_tracking)
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_mediapipe.blendshapes import named_offsets  # noqa: E402
-from ophav_mediapipe.mesh import SEMANTIC, load_canonical_mesh  # noqa: E402
+from ophav_mediapipe.mesh import SEMANTIC, load_canonical_mesh, topology  # noqa: E402
 from ophav_mediapipe.tracker import MediapipeTracker  # noqa: E402
 from ophav_meshwarp.crop import crop_box, crop_image  # noqa: E402
 from ophav_meshwarp.field import ThinPlateField, border_points  # noqa: E402
 from ophav_meshwarp.generator import MeshWarp  # noqa: E402
-from ophav_meshwarp.raster import barycentric_affines, interpolate, rasterise_ids  # noqa: E402
 from ophav_meshwarp.topology import build_parts, contour_opening  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -67,7 +66,7 @@ def retracked(tracker, poses):
 
 def test_mesh_parts_on_the_canonical_mesh():
     vertices, faces, _ = load_canonical_mesh()
-    parts = build_parts(vertices, faces, SEMANTIC)
+    parts = build_parts(topology())
     assert np.array_equal(parts.symmetry[parts.symmetry], np.arange(len(vertices))), "mirror map is not an involution"
     assert np.allclose(vertices[parts.symmetry] * [-1, 1, 1], vertices, atol=1e-3)
     # The mouth triangles tile the inner-lip polygon exactly (the canonical mouth is slightly open).
@@ -78,25 +77,6 @@ def test_mesh_parts_on_the_canonical_mesh():
     assert area == pytest.approx(polygon, rel=1e-4)
     assert (parts.eye_face_owner == 0).sum() > 0 and (parts.eye_face_owner == 1).sum() > 0
     assert set(np.unique(parts.mouth_uv[parts.lips_inner, 1])) == {0.0, 0.5, 1.0}
-
-
-def test_rasteriser_z_order_and_clamped_interpolation():
-    points = np.array([[2, 2], [30, 2], [2, 30], [5, 5], [40, 5], [5, 40]], np.float64)
-    depth = np.array([10, 10, 10, 5, 5, 5], np.float64)  # the second triangle is nearer
-    faces = np.array([[0, 1, 2], [3, 4, 5]])
-    ids = rasterise_ids(points, depth, faces, (48, 48))
-    assert ids[10, 10] == 1 and ids[3, 3] == 0 and ids[45, 45] == -1
-    values = np.stack([points[:, 0] * 2 + 1, points[:, 1] - 3], axis=1)  # an affine function is reproduced exactly
-    rows, cols, out = interpolate(ids, barycentric_affines(points, faces), faces, values)
-    inside = (cols > 6) & (rows > 6) & (cols + rows < 38)
-    assert np.allclose(out[inside, 0], cols[inside] * 2 + 1, atol=1e-3)
-    assert np.allclose(out[inside, 1], rows[inside] - 3, atol=1e-3)
-    # A sliver thinner than a pixel never extrapolates beyond its corners' values.
-    sliver = np.array([[0, 10.0], [47, 10.2], [20, 10.1]])
-    ids = rasterise_ids(sliver, np.ones(3), np.array([[0, 1, 2]]), (48, 48))
-    _, _, out = interpolate(ids, barycentric_affines(sliver, np.array([[0, 1, 2]])), np.array([[0, 1, 2]]),
-                            np.array([[0.0], [1.0], [2.0]]))
-    assert out.min() >= 0.0 and out.max() <= 2.0
 
 
 def test_thin_plate_field_matches_a_direct_solve_and_keeps_the_border_still():

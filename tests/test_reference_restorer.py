@@ -12,7 +12,7 @@ from ophav_core.stages import Portrait, RestoreInput  # noqa: E402
 from ophav_core.testing import contracts  # noqa: E402
 from ophav_core.testing.synthetic import synthetic_tracking  # noqa: E402
 from ophav_reference.metrics import laplacian_variance  # noqa: E402
-from ophav_reference.raster import rasterise  # noqa: E402
+from ophav_core.media.raster import rasterise  # noqa: E402
 from ophav_reference.restorer import ReferenceRestorer  # noqa: E402
 
 SIZE = 128
@@ -87,7 +87,7 @@ def test_rasteriser_matches_projection():
     tracking, v2d, depth = _frontal_mesh()
     raster = rasterise(v2d, depth, tracking.faces, (SIZE, SIZE))
     # Interpolating the vertices' own pixel positions gives back each pixel's centre.
-    positions = raster.interpolate(v2d.astype(np.float64), tracking.faces)
+    positions = raster.interpolate(v2d.astype(np.float64))
     assert np.abs(positions - np.stack([raster.xs, raster.ys], -1)).max() < 1e-3
     # Same coverage as OpenCV's filling of the front-facing triangles, up to edge pixels.
     reference = _mesh_mask(v2d, tracking.faces)

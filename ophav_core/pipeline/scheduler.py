@@ -94,7 +94,8 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         "portrait": {"portrait": sha256_of(portrait_path), "profile": resolved.profile.model_dump(mode="json"),
                      "seed": resolved.config.seed, "device": device, "ophav": __version__,
                      "tracker": stage("tracker")},
-        "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver)},
+        "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver),
+                        **_drawn_on(resolved, "image2video", stage)},
         "track": {}, "segment": {"segmenter": stage("segmenter")}, "fit": {"field": stage("field")},
         "export": resolved.to_dict(),
     }
@@ -105,6 +106,12 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         text = json.dumps({"after": previous, "step": name, "adds": adds.get(name, {})}, sort_keys=True, default=str)
         previous = keys[name] = hashlib.sha256(text.encode()).hexdigest()[:24]
     return keys
+
+
+def _drawn_on(resolved: ResolvedConfig, name: str, stage) -> dict[str, Any]:
+    """The stages a step's component draws on (meshwarp: the tracker and segmenter) shape its result too."""
+    drawn = resolved.stages[name].spec.component_class().draws_on
+    return {"draws_on": {s: stage(s) for s in drawn}} if drawn else {}
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -229,7 +236,7 @@ class Scheduler:
             work = self.root / "work" / stage
             work.mkdir(parents=True, exist_ok=True)
             context = RunContext(device=self.device, profile=self.resolved.profile, seed=self.resolved.config.seed,
-                                 work_dir=work, quiet=self.quiet)
+                                 work_dir=work, quiet=self.quiet, components=lambda other, _: self.component(other))
             self._components[stage] = resolved.spec.create(resolved.options, context)
         return self._components[stage]
 

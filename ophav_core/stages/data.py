@@ -58,6 +58,11 @@ def _bind(owner: str, sizes: dict[str, int], key: str, value: int, what: str) ->
     sizes.setdefault(key, value)
 
 
+def _check_indices(owner: str, name: str, index: np.ndarray, count: int) -> None:
+    if index.size and (index.min() < 0 or index.max() >= count):
+        raise InvalidData(f"{owner}.{name}: vertex indices must lie in [0, {count}), got [{index.min()}, {index.max()}]")
+
+
 # ---------------------------------------------------------------------------------------------- storage
 
 
@@ -217,6 +222,100 @@ class MaskSet(_NpzContainer):
 
 
 @dataclass
+class MeshTopology(_NpzContainer):
+    """What a tracker's mesh is, apart from where it is: triangles, texture coordinates, named vertex groups, the
+    left/right mirror map and a generic reference shape. Consumers (an image2video that warps with the mesh, a
+    segmenter cutting below the jaw, metrics) read these from the tracking, so they work with any tracker
+    whose topology has the groups they name, in any vertex order.
+
+    name: the topology's name (``"mediapipe468"``, ``"flame"``...), so a component can refuse what it can't use.
+    faces: int32 (F, 3) triangles (vertex indices, counter-clockwise seen from outside).
+    uv: float32 (V, 2) optional texture coordinates in [0, 1].
+    groups: named vertex groups, ``name -> int64 vertex indices``, in the order the name implies (contours are
+        ordered closed loops; subject's left/right). Which names a topology has is its tracker's to document;
+        :attr:`Tracking.REQUIRED_SEMANTIC` lists the five every tracking has.
+    symmetry: int64 (V,) optional, each vertex's mirror vertex (head x negated); an involution, with vertices on
+        the midline their own mirror.
+    template: float32 (V, 3) optional, the topology's generic neutral shape in head space (a mean face, not the
+        person's): what depends on the mesh's shape alone (which triangles lie above an eye, which half of a
+        contour is the upper one) is derived from it the same way for every person.
+    """
+
+    faces: np.ndarray
+    name: str = "unknown"
+    uv: np.ndarray | None = None
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
+    symmetry: np.ndarray | None = None
+    template: np.ndarray | None = None
+    num_vertices: int | None = None
+    _kind: ClassVar[str] = "ophav.MeshTopology"
+
+    def __post_init__(self) -> None:
+        owner = "MeshTopology"
+        self.name = str(self.name)
+        self.faces = _check_array(owner, "faces", np.asarray(self.faces).astype(np.int32), (None, 3), "iu")
+        sizes: dict[str, int] = {}
+        if self.num_vertices is not None:
+            _bind(owner, sizes, "V", int(self.num_vertices), "num_vertices")
+        if self.uv is not None:
+            self.uv = _check_array(owner, "uv", np.asarray(self.uv, np.float32), (None, 2), "f")
+            _bind(owner, sizes, "V", self.uv.shape[0], "uv")
+        if self.template is not None:
+            self.template = _check_array(owner, "template", np.asarray(self.template, np.float32), (None, 3), "f")
+            _bind(owner, sizes, "V", self.template.shape[0], "template")
+        if self.symmetry is not None:
+            self.symmetry = _check_array(owner, "symmetry", np.asarray(self.symmetry).astype(np.int64), (None,), "iu")
+            _bind(owner, sizes, "V", self.symmetry.shape[0], "symmetry")
+        count = sizes.get("V", int(self.faces.max()) + 1 if self.faces.size else 0)
+        self.num_vertices = count
+        _check_indices(owner, "faces", self.faces, count)
+        if self.symmetry is not None:
+            _check_indices(owner, "symmetry", self.symmetry, count)
+            if not np.array_equal(self.symmetry[self.symmetry], np.arange(count)):
+                raise InvalidData(f"{owner}.symmetry: the mirror of a vertex's mirror must be the vertex itself")
+        for key, value in self.groups.items():
+            idx = np.asarray(value).astype(np.int64).reshape(-1)
+            if idx.size == 0:
+                raise InvalidData(f"{owner}.groups[{key!r}]: empty")
+            _check_indices(owner, f"groups[{key!r}]", idx, count)
+            self.groups[key] = idx
+
+    def group(self, name: str) -> np.ndarray:
+        """The vertex indices of group ``name``; a missing group is an error naming the topology."""
+        self.require(name)
+        return self.groups[name]
+
+    def require(self, *names: str, user: str = "this component") -> None:
+        """Raise :class:`InvalidData` naming every group of ``names`` this topology lacks (and ``symmetry``,
+        ``template`` or ``uv`` when named)."""
+        optional = {"symmetry": self.symmetry, "template": self.template, "uv": self.uv}
+        missing = [n for n in names if (optional[n] is None if n in optional else n not in self.groups)]
+        if missing:
+            raise InvalidData(f"{user} needs {', '.join(missing)} from the tracking's mesh topology "
+                              f"{self.name!r}, which lacks them (it has: {', '.join(sorted(self.groups)) or 'none'})")
+
+    def permuted(self, order: np.ndarray, name: str | None = None) -> "MeshTopology":
+        """The same topology with its vertices in another order: new vertex ``i`` is old vertex ``order[i]``;
+        triangles, groups, the mirror map, UVs and template follow."""
+        order = np.asarray(order, np.int64)
+        if not np.array_equal(np.sort(order), np.arange(self.num_vertices)):
+            raise InvalidData(f"MeshTopology.permuted: order must be a permutation of {self.num_vertices} vertices")
+        new_index = np.empty_like(order)
+        new_index[order] = np.arange(len(order))
+        pick = lambda a: None if a is None else a[order]  # noqa: E731
+        return MeshTopology(
+            faces=new_index[self.faces], name=self.name if name is None else name, uv=pick(self.uv),
+            groups={k: new_index[v] for k, v in self.groups.items()},
+            symmetry=None if self.symmetry is None else new_index[self.symmetry[order]],
+            template=pick(self.template), num_vertices=self.num_vertices)
+
+    def tracking_fields(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`Tracking` that hold this topology."""
+        return {"faces": self.faces, "semantic": dict(self.groups), "mesh_type": self.name, "uv": self.uv,
+                "symmetry": self.symmetry, "template": self.template}
+
+
+@dataclass
 class Tracking(_NpzContainer):
     """Camera, head pose, expression and face mesh for every frame.
 
@@ -234,6 +333,12 @@ class Tracking(_NpzContainer):
     semantic: named vertex groups, ``name -> int array of vertex indices``; at least ``left_eye``,
         ``right_eye``, ``nose``, ``mouth_left``, ``mouth_right`` (the subject's left/right) for face alignment.
     mesh_type: the topology's name (``"mediapipe468"``, ``"flame"``...), so a field can refuse what it can't use.
+    uv: float32 (V, 2) optional texture coordinates; symmetry: int64 (V,) optional left/right mirror vertex of
+        each vertex; template: float32 (V, 3) optional generic neutral shape of the topology (head space).
+
+    ``faces``, ``semantic``, ``mesh_type``, ``uv``, ``symmetry`` and ``template`` are the mesh's topology, the same
+    for every frame and person: :attr:`topology` gives them as one validated :class:`MeshTopology`, and
+    ``Tracking(..., **topology.tracking_fields())`` builds a tracking from one.
     """
 
     K: np.ndarray
@@ -249,6 +354,9 @@ class Tracking(_NpzContainer):
     valid: np.ndarray | None = None
     semantic: dict[str, np.ndarray] = field(default_factory=dict)
     mesh_type: str = "unknown"
+    uv: np.ndarray | None = None
+    symmetry: np.ndarray | None = None
+    template: np.ndarray | None = None
     _kind: ClassVar[str] = "ophav.Tracking"
 
     REQUIRED_SEMANTIC: ClassVar[tuple[str, ...]] = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
@@ -273,9 +381,9 @@ class Tracking(_NpzContainer):
         _bind(owner, sizes, "V", self.vertices.shape[1], "vertices")
         self.canonical_vertices = _check_array(owner, "canonical_vertices", f32("canonical_vertices"), (None, 3), "f")
         _bind(owner, sizes, "V", self.canonical_vertices.shape[0], "canonical_vertices")
-        self.faces = _check_array(owner, "faces", np.asarray(self.faces).astype(np.int32), (None, 3), "iu")
-        if self.faces.size and (self.faces.min() < 0 or self.faces.max() >= sizes["V"]):
-            raise InvalidData(f"Tracking.faces: indices must lie in [0, {sizes['V']}), got [{self.faces.min()}, {self.faces.max()}]")
+        topology = self._topology(sizes["V"])
+        self.faces, self.semantic, self.uv, self.mesh_type = topology.faces, topology.groups, topology.uv, topology.name
+        self.symmetry, self.template = topology.symmetry, topology.template
         self.expression_basis = _check_array(owner, "expression_basis", f32("expression_basis"), (None, None, 3), "f")
         _bind(owner, sizes, "E", self.expression_basis.shape[0], "expression_basis")
         _bind(owner, sizes, "V", self.expression_basis.shape[1], "expression_basis")
@@ -285,12 +393,20 @@ class Tracking(_NpzContainer):
         if self.valid is not None:
             self.valid = _check_array(owner, "valid", np.asarray(self.valid).astype(bool), (None,), "b")
             _bind(owner, sizes, "N", self.valid.shape[0], "valid")
-        for key, value in self.semantic.items():
-            idx = np.asarray(value).astype(np.int64).reshape(-1)
-            if idx.size == 0 or idx.min() < 0 or idx.max() >= sizes["V"]:
-                raise InvalidData(f"Tracking.semantic[{key!r}]: vertex indices out of range [0, {sizes['V']})")
-            self.semantic[key] = idx
-        self.mesh_type = str(self.mesh_type)
+
+    def _topology(self, num_vertices: int) -> MeshTopology:
+        try:
+            return MeshTopology(faces=self.faces, name=self.mesh_type, uv=self.uv, groups=dict(self.semantic),
+                                symmetry=self.symmetry, template=self.template, num_vertices=num_vertices)
+        except InvalidData as exc:  # name the field as the tracking calls it
+            message = str(exc).replace("MeshTopology.groups", "Tracking.semantic").replace("MeshTopology", "Tracking")
+            raise InvalidData(message) from None
+
+    @property
+    def topology(self) -> MeshTopology:
+        """The mesh's topology (triangles, UVs, vertex groups, mirror map, template) as one container."""
+        return MeshTopology(faces=self.faces, name=self.mesh_type, uv=self.uv, groups=dict(self.semantic),
+                            symmetry=self.symmetry, template=self.template, num_vertices=self.canonical_vertices.shape[0])
 
     def __len__(self) -> int:
         return int(self.rotation.shape[0])
@@ -328,8 +444,8 @@ class Tracking(_NpzContainer):
         return Tracking(
             K=self.K, image_size=self.image_size, rotation=self.rotation[index], translation=self.translation[index],
             expression=self.expression[index], vertices=self.vertices[index],
-            canonical_vertices=self.canonical_vertices, faces=self.faces, expression_basis=self.expression_basis,
-            landmarks=pick(self.landmarks), valid=pick(self.valid), semantic=dict(self.semantic), mesh_type=self.mesh_type,
+            canonical_vertices=self.canonical_vertices, expression_basis=self.expression_basis,
+            landmarks=pick(self.landmarks), valid=pick(self.valid), **self.topology.tracking_fields(),
         )
 
     def mesh_for(self, rotation: np.ndarray, translation: np.ndarray, expression: np.ndarray) -> np.ndarray:

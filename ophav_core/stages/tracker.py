@@ -31,3 +31,12 @@ class Tracker(Component):
         """Expression coefficients (N, E) in ``tracking``'s basis for a motion's named expressions and offsets.
         Trackers whose mesh has no named-expression model raise NotImplementedError."""
         raise NotImplementedError(f"{type(self).__name__} cannot turn named expressions into coefficients")
+
+    def expression_offsets(self, motion: Motion, tracking: Tracking) -> np.ndarray:
+        """Head-space vertex offsets (N, V, 3) of ``tracking``'s mesh for a motion's named expressions and dense
+        offsets, scaled to the tracked face: what a mesh-driven image2video adds to the portrait's neutral mesh.
+
+        The default is :meth:`expressions_for` through the expression basis; a tracker with an exact model of
+        named expressions returns it unprojected (a basis of a few dozen rows loses detail)."""
+        coefficients = self.expressions_for(motion, tracking)
+        return np.einsum("ne,evc->nvc", coefficients, tracking.expression_basis)

@@ -25,8 +25,12 @@ from ophav_core.testing.synthetic import (render_synthetic, synthetic_portrait, 
 
 
 def tiny_context(work_dir: Path | None = None, device: str = "cpu", profile: str = "tiny") -> RunContext:
+    """A quiet context for tests; components drawing on another stage get the registry's default for it."""
+    from ophav_core.components import registry_components
+
     return RunContext(device=device, profile=PROFILES[profile], seed=0,
-                      work_dir=Path(work_dir or tempfile.mkdtemp(prefix="ophav-contract-")), quiet=True)
+                      work_dir=Path(work_dir or tempfile.mkdtemp(prefix="ophav-contract-")), quiet=True,
+                      components=registry_components())
 
 
 def check_options_model(component_cls) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ophav_core.stages import MeshTopology
+
 MESH_FILE = Path(__file__).resolve().parent / "data" / "canonical_face_mesh.npz"
 MESH_TYPE = "mediapipe468"
 NUM_VERTICES = 468
@@ -29,16 +31,49 @@ def load_canonical_mesh() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return a["vertices"].copy(), a["faces"].copy(), a["uv"].copy()
 
 
+# Single landmarks of MediaPipe's mesh that consumers find by name (the segmenter's face frame, the neutral-face
+# choice): vertex indices of the canonical mesh.
+_LANDMARKS = {"forehead": 10, "chin": 152, "left_cheek": 454, "right_cheek": 234, "upper_lip_inner": 13,
+              "lower_lip_inner": 14}
+
+
 def _semantic() -> dict[str, np.ndarray]:
     prefix = "semantic::"
-    return {k[len(prefix):]: v.astype(np.int64) for k, v in _arrays().items() if k.startswith(prefix)}
+    groups = {k[len(prefix):]: v.astype(np.int64) for k, v in _arrays().items() if k.startswith(prefix)}
+    groups.update({k: np.array([v], np.int64) for k, v in _LANDMARKS.items()})
+    return groups
 
 
 SEMANTIC: dict[str, np.ndarray] = _semantic()
 """Named vertex groups (subject's left = image right): ``left_eye``, ``right_eye``, ``nose``, ``mouth_left``,
 ``mouth_right`` (what :meth:`Tracking.landmarks5` needs), ``jaw`` (ordered), ``face_oval``, ``lips_outer``,
-``lips_inner``, ``left_eye_contour``, ``right_eye_contour``, ``left_brow``, ``right_brow``, ``brows``,
-``nose_region``."""
+``lips_inner``, ``left_eye_contour``, ``right_eye_contour`` (ordered closed contours), ``left_brow``,
+``right_brow``, ``brows``, ``nose_region``, and the single vertices ``forehead``, ``chin``, ``left_cheek``,
+``right_cheek``, ``upper_lip_inner``, ``lower_lip_inner``."""
+
+
+def symmetry_map(vertices: np.ndarray) -> np.ndarray:
+    """(V,) index of each vertex's mirror image (head x negated), by nearest neighbour on a symmetric mesh."""
+    mirrored = vertices * np.array([-1.0, 1.0, 1.0], vertices.dtype)
+    dist = ((mirrored[:, None, :] - vertices[None, :, :]) ** 2).sum(-1)
+    return np.argmin(dist, axis=1).astype(np.int64)
+
+
+@lru_cache(maxsize=1)
+def _topology() -> MeshTopology:
+    vertices, faces, uv = load_canonical_mesh()
+    # The canonical mesh is exactly symmetric about head x = 0, so the nearest mirror is the mirror vertex.
+    return MeshTopology(faces=faces, name=MESH_TYPE, uv=uv, groups=dict(SEMANTIC), symmetry=symmetry_map(vertices),
+                        template=vertices)
+
+
+def topology() -> MeshTopology:
+    """The topology every ``mediapipe`` tracking carries: MediaPipe's triangles and UVs, :data:`SEMANTIC`, the
+    left/right mirror map and the canonical mesh as the template."""
+    cached = _topology()
+    return MeshTopology(faces=cached.faces.copy(), name=cached.name, uv=cached.uv.copy(),
+                        groups={k: v.copy() for k, v in cached.groups.items()}, symmetry=cached.symmetry.copy(),
+                        template=cached.template.copy())
 
 
 @lru_cache(maxsize=1)

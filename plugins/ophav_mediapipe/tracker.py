@@ -37,7 +37,8 @@ from ophav_core.stages import FrameSet, Tracker, Tracking
 from ophav_mediapipe import fit
 from ophav_mediapipe.basis import build_basis, project_onto_basis
 from ophav_mediapipe.blendshapes import named_offsets
-from ophav_mediapipe.mesh import MESH_TYPE, SEMANTIC, face_width, load_canonical_mesh, rigid_indices, rigid_weights
+from ophav_mediapipe.mesh import (MESH_TYPE, SEMANTIC, face_width, load_canonical_mesh, rigid_indices, rigid_weights,
+                                  topology)
 from ophav_mediapipe.options import MediapipeTrackerOptions
 
 
@@ -70,7 +71,8 @@ def neutral_shape(shapes: np.ndarray, fraction: float = 0.3) -> np.ndarray:
     width = face_width(shapes)
     left, right = SEMANTIC["mouth_left"][0], SEMANTIC["mouth_right"][0]
     mouth_width = np.linalg.norm(shapes[:, left] - shapes[:, right], axis=-1) / width
-    lip_gap = np.linalg.norm(shapes[:, 14] - shapes[:, 13], axis=-1) / width  # inner lip centres
+    upper, lower = SEMANTIC["upper_lip_inner"][0], SEMANTIC["lower_lip_inner"][0]
+    lip_gap = np.linalg.norm(shapes[:, lower] - shapes[:, upper], axis=-1) / width
 
     def robust_z(x: np.ndarray) -> np.ndarray:
         mad = np.median(np.abs(x - np.median(x)))
@@ -132,7 +134,6 @@ class MediapipeTracker(Tracker):
         timings.pose = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        _, faces, _ = load_canonical_mesh()
         if reference is None:
             canonical = identity
             basis = build_basis(canonical, shapes - canonical, o.num_expressions)
@@ -153,7 +154,7 @@ class MediapipeTracker(Tracker):
         R, t, expression = self._fill(R, t, expression, valid)
         timings.smooth = time.perf_counter() - t0
 
-        tracking = self._assemble(K, (width, height), R, t, expression, canonical, faces, basis, det.landmarks, valid)
+        tracking = self._assemble(K, (width, height), R, t, expression, canonical, basis, det.landmarks, valid)
         timings.total = time.perf_counter() - start
         self.last_timings = timings
         return tracking
@@ -161,6 +162,12 @@ class MediapipeTracker(Tracker):
     def expressions_for(self, motion: Motion, tracking: Tracking) -> np.ndarray:
         """Coefficients (N, E) in ``tracking``'s basis for the motion's named expressions (scaled to the
         tracking's face width) plus its dense offsets (face-width units, topology ``mediapipe468``)."""
+        offsets = self.expression_offsets(motion, tracking)
+        return project_onto_basis(offsets, tracking.expression_basis).astype(np.float32)
+
+    def expression_offsets(self, motion: Motion, tracking: Tracking) -> np.ndarray:
+        """Head-space offsets (N, 468, 3) float64: the named expressions (MediaPipe-mesh blendshapes scaled to the
+        tracking's face width) plus the motion's dense offsets (face-width units, topology ``mediapipe468``)."""
         if tracking.mesh_type != MESH_TYPE:
             raise InvalidData(f"tracking has mesh type {tracking.mesh_type!r}; named expressions exist for {MESH_TYPE!r}")
         n = len(motion)
@@ -170,13 +177,14 @@ class MediapipeTracker(Tracker):
         named = named_offsets()
         scale = width / face_width(load_canonical_mesh()[0])
         for name, intensity in motion.expressions.items():
-            offsets += intensity[:, None, None] * named[name][None].astype(np.float64) * scale
+            if np.any(intensity != 0):
+                offsets += intensity[:, None, None] * named[name][None].astype(np.float64) * scale
         if motion.offsets is not None:
             if motion.topology != MESH_TYPE or motion.offsets.shape[1:] != canonical.shape:
                 raise InvalidData(f"motion offsets are for topology {motion.topology!r} {motion.offsets.shape[1:]}, "
                                   f"this tracking is {MESH_TYPE!r} {canonical.shape}")
             offsets += motion.offsets.astype(np.float64) * width
-        return project_onto_basis(offsets, tracking.expression_basis).astype(np.float32)
+        return offsets
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -260,7 +268,7 @@ class MediapipeTracker(Tracker):
         rel = spread(_rotvec(np.einsum("ij,njk->nik", mean.T, R)))
         return mean[None] @ _matrix(rel), spread(t), spread(expression)
 
-    def _assemble(self, K, size, R, t, expression, canonical, faces, basis, pixels, valid) -> Tracking:
+    def _assemble(self, K, size, R, t, expression, canonical, basis, pixels, valid) -> Tracking:
         R = R.astype(np.float32)
         t = t.astype(np.float32)
         expression = expression.astype(np.float32)
@@ -268,9 +276,8 @@ class MediapipeTracker(Tracker):
         local = canonical[None] + np.einsum("ne,evc->nvc", expression, basis)
         vertices = np.einsum("nij,nvj->nvi", R, local) + t[:, None]
         tracking = Tracking(K=K, image_size=np.array(size), rotation=R, translation=t, expression=expression,
-                            vertices=vertices, canonical_vertices=canonical, faces=faces, expression_basis=basis,
-                            landmarks=None, valid=valid.copy(), semantic={k: v.copy() for k, v in SEMANTIC.items()},
-                            mesh_type=MESH_TYPE)
+                            vertices=vertices, canonical_vertices=canonical, expression_basis=basis,
+                            landmarks=None, valid=valid.copy(), **topology().tracking_fields())
         # What the tracker saw; frames without a face get the interpolated mesh's projection.
         landmarks = tracking.project(vertices.astype(np.float64)).astype(np.float32)
         landmarks[valid] = pixels[valid, :, :2]

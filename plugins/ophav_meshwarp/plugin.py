@@ -8,5 +8,6 @@ def register_image2video(register):
     register(ComponentSpec(
         stage="image2video", name="meshwarp", factory="ophav_meshwarp.generator:MeshWarp",
         options="ophav_meshwarp.options:MeshwarpOptions",
-        summary="re-poses the portrait's tracked MediaPipe face mesh and warps the image with it (no weights)",
-        requires=("mediapipe", "cv2", "scipy"), extra="meshwarp"))
+        summary="re-poses the portrait's tracked face mesh (the run's tracker and segmenter) and warps the image "
+                "with it (no weights)",
+        requires=("cv2",), extra="meshwarp"))

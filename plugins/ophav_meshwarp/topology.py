@@ -1,13 +1,21 @@
-"""What the warper needs to know about the face mesh's topology, derived once from the canonical mesh.
+"""What the warper needs to know about the face mesh's topology, derived once from the tracking's
+:class:`~ophav_core.stages.MeshTopology` (its groups, mirror map and template shape).
 
-Pure numpy. The MediaPipe mesh is one sheet (a disk) that also spans the eyes and the mouth: the triangles whose
-three corners all lie on the inner-lip contour are the mouth opening, those on an eye contour the eye opening.
+Pure numpy. The warp expects a face mesh that is one sheet (a disk) spanning the eyes and the mouth, as
+MediaPipe's is: the triangles whose three corners all lie on the inner-lip contour are the mouth opening, those
+on an eye contour the eye opening. Any tracker whose topology names the groups of :data:`GROUPS` and has a mirror
+map drives it, in any vertex order.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from ophav_core.stages import MeshTopology
+
+# The vertex groups the warp reads from the topology (ordered closed contours; subject's left/right).
+GROUPS = ("lips_inner", "face_oval", "right_eye_contour", "left_eye_contour", "right_brow", "left_brow", "nose")
 
 
 @dataclass(frozen=True)
@@ -40,13 +48,6 @@ class MeshParts:
     mouth_uv: np.ndarray
     side: np.ndarray
     nose_faces: np.ndarray
-
-
-def symmetry_map(canonical: np.ndarray) -> np.ndarray:
-    """(V,) index of each vertex's mirror image (head x negated), by nearest neighbour on the canonical mesh."""
-    mirrored = canonical * np.array([-1.0, 1.0, 1.0], canonical.dtype)
-    dist = ((mirrored[:, None, :] - canonical[None, :, :]) ** 2).sum(-1)
-    return np.argmin(dist, axis=1).astype(np.int64)
 
 
 def _inside_contour(faces: np.ndarray, contour: np.ndarray) -> np.ndarray:
@@ -98,8 +99,22 @@ def _lid_skin(faces: np.ndarray, canonical: np.ndarray, contour: np.ndarray, bro
             & (centres[:, 0] > x0) & (centres[:, 0] < x1))
 
 
-def build_parts(canonical: np.ndarray, faces: np.ndarray, semantic: dict[str, np.ndarray]) -> MeshParts:
-    """MeshParts of a mediapipe468-like mesh from its canonical vertices, faces and semantic groups."""
+def parts_shape(topology: MeshTopology, neutral: np.ndarray) -> np.ndarray:
+    """The head-space shape the parts are derived from: the topology's template (the same for every person), or
+    else the person's ``neutral`` mesh made exactly symmetric through the mirror map."""
+    if topology.template is not None:
+        return topology.template.astype(np.float64)
+    neutral = np.asarray(neutral, np.float64)
+    return 0.5 * (neutral + neutral[topology.symmetry] * np.array([-1.0, 1.0, 1.0]))
+
+
+def build_parts(topology: MeshTopology, neutral: np.ndarray | None = None) -> MeshParts:
+    """MeshParts of a face-sheet mesh from its topology (see :data:`GROUPS`); ``neutral`` (V, 3) is the person's
+    neutral mesh, used only where the topology has no template."""
+    topology.require(*GROUPS, "symmetry", user="meshwarp")
+    if topology.template is None and neutral is None:
+        raise ValueError("build_parts: the topology has no template; pass the neutral mesh")
+    canonical, faces, semantic = parts_shape(topology, neutral), topology.faces, topology.groups
     lips_inner = np.asarray(semantic["lips_inner"], np.int64)
     face_oval = np.asarray(semantic["face_oval"], np.int64)
     eyes = (np.asarray(semantic["right_eye_contour"], np.int64), np.asarray(semantic["left_eye_contour"], np.int64))
@@ -120,7 +135,7 @@ def build_parts(canonical: np.ndarray, faces: np.ndarray, semantic: dict[str, np
     centre_x = canonical[faces].mean(axis=1)[:, 0]
     tol = 1e-3 * float(np.ptp(canonical[:, 0]))
     side = np.where(centre_x > tol, 1, np.where(centre_x < -tol, -1, 0)).astype(np.int8)
-    return MeshParts(faces=np.asarray(faces, np.int64), symmetry=symmetry_map(canonical), mouth_faces=mouth_faces,
+    return MeshParts(faces=np.asarray(faces, np.int64), symmetry=topology.symmetry, mouth_faces=mouth_faces,
                      eye_faces=eye_faces, eye_face_owner=owner, lips_inner=lips_inner, face_oval=face_oval,
                      eyes=eyes, upper_lid=(upper_lids[0], upper_lids[1]), above_eye_faces=(above[0], above[1]),
                      lid_skin_faces=(skin[0], skin[1]),

@@ -18,7 +18,7 @@ import numpy as np
 from ophav_meshwarp.field import ThinPlateField, border_points, in_plane_angle
 from ophav_meshwarp.fills import mouth_interior, smoothstep
 from ophav_meshwarp.shell import HeadShell, build_shell
-from ophav_meshwarp.raster import barycentric_affines, facing_camera, interpolate, rasterise_ids, signed_areas
+from ophav_core.media.raster import Raster, facing_camera, rasterise, signed_areas
 from ophav_meshwarp.topology import MeshParts, contour_opening
 
 
@@ -166,8 +166,7 @@ def prepare_source(image: np.ndarray, K: np.ndarray, rotation: np.ndarray, trans
     anchors = _background_anchors(head_alpha) if head_alpha is not None else np.zeros((0, 2))
     still = np.concatenate([border_points(size), anchors])
 
-    keep = facing_camera(vertices_cam, faces) > 0
-    ids = rasterise_ids(points2d, vertices_cam[:, 2], faces, (size, size), keep)
+    ids = rasterise(points2d, vertices_cam[:, 2], faces, (size, size)).ids
     pixels, colours = _triangle_means(image.astype(np.float64), ids, len(faces))
     quality = _visibility(vertices_cam, points2d, faces, ids, pixels)
     mirror = _mirror_faces(faces, parts.symmetry)
@@ -258,8 +257,8 @@ def _radial_control(src: SourceFace, raster: "_Raster", depth: np.ndarray, rings
     covered = ids[pix[:, 1], pix[:, 0]] >= 0
     hidden = np.zeros(len(oval), bool)
     if covered.any():
-        _, _, front = interpolate(ids, raster.bary, src.parts.faces, depth[:, None], pix[covered, 1], pix[covered, 0])
-        hidden[covered] = front[:, 0] < depth[oval][covered] - 0.02 * src.face_width
+        front = raster.mesh.interpolate_at(depth, pix[covered, 1], pix[covered, 0])
+        hidden[covered] = front < depth[oval][covered] - 0.02 * src.face_width
     steps = np.arange(0.0, 0.5 * src.face_width_px + 1.0, 1.0)
     probe = start[:, None, :] + steps[None, :, None] * direction[:, None, :]  # (O, S, 2)
     col = np.clip(np.rint(probe[..., 0]).astype(int), 0, size - 1)
@@ -319,18 +318,28 @@ def _soft_inside(mask: np.ndarray, feather_px: float) -> np.ndarray:
 
 @dataclass
 class _Raster:
-    """One frame's rasterised target mesh."""
+    """One frame's rasterised target mesh (the core's :class:`~ophav_core.media.raster.Raster`) and the mesh's
+    pixel positions."""
 
-    ids: np.ndarray
-    bary: np.ndarray
-    rows: np.ndarray
-    cols: np.ndarray
+    mesh: Raster
     points2d: np.ndarray
 
-    def values(self, faces: np.ndarray, per_vertex: np.ndarray, select: np.ndarray | None = None):
-        """Per-vertex values interpolated at the covered pixels (or the ``select``ed ones)."""
+    @property
+    def ids(self) -> np.ndarray:
+        return self.mesh.ids
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.mesh.ys
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self.mesh.xs
+
+    def values(self, per_vertex: np.ndarray, select: np.ndarray | None = None):
+        """(rows, cols, per-vertex values interpolated there) at the covered pixels (or the ``select``ed ones)."""
         rows, cols = (self.rows, self.cols) if select is None else (self.rows[select], self.cols[select])
-        return interpolate(self.ids, self.bary, faces, per_vertex, rows, cols)
+        return rows, cols, self.mesh.interpolate(per_vertex, select)
 
 
 def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.ndarray | None = None
@@ -341,14 +350,12 @@ def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.
     size, faces = src.size, src.parts.faces
     verts = target_vertices(src, rotation_delta, offsets_local)
     points2d = project(src.K, verts)
-    front = facing_camera(verts, faces) > 0.0
-    ids = rasterise_ids(points2d, verts[:, 2], faces, (size, size), front)
-    rows, cols = np.nonzero(ids >= 0)
-    raster = _Raster(ids, barycentric_affines(points2d, faces), rows, cols, points2d)
+    raster = _Raster(rasterise(points2d, verts[:, 2], faces, (size, size)), points2d)
+    ids, rows, cols = raster.ids, raster.rows, raster.cols
 
     # Backward map: the smooth outer field everywhere, the exact mesh map inside the face.
     sample = src.pixel_grid() + _outer_field(src, rotation_delta, raster, verts[:, 2])
-    _, _, mesh_xy = raster.values(faces, src.points2d)
+    _, _, mesh_xy = raster.values(src.points2d)
     inside = _soft_inside(ids >= 0, src.settings.feather_px)[rows, cols][:, None]
     sample[rows, cols] += inside * (mesh_xy - sample[rows, cols])
     out = cv2.remap(src.image, sample[..., 0], sample[..., 1], cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
@@ -414,7 +421,7 @@ def _unseen_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
     mirrored = mirror_ok[t]
     if mirrored.any():
         sel = np.nonzero(use)[0][mirrored]
-        _, _, xy = raster.values(faces, src.points2d[src.parts.symmetry], sel)
+        _, _, xy = raster.values(src.points2d[src.parts.symmetry], sel)
         fill[r[mirrored] - r0, c[mirrored] - c0] = _sample(src.image, xy) * src.mirror_gain[t[mirrored]]
     smooth = ~mirrored
     if smooth.any():
@@ -505,7 +512,7 @@ def _mouth_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
     sel = src.parts.mouth_faces[tri]
     if not sel.any():
         return 0.0
-    r, c, uv = raster.values(src.parts.faces, src.parts.mouth_uv, sel)
+    r, c, uv = raster.values(src.parts.mouth_uv, sel)
     u, v = np.clip(uv[:, 0], 0.0, 1.0), np.clip(uv[:, 1], 0.0, 1.0)
     up_t, lo_t = _lip_chains(raster.points2d, src.parts, u)
     up_s, lo_s = _lip_chains(src.points2d, src.parts, u)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ophav_reference.raster import Raster, front_facing, rasterise, signed_areas
+from ophav_core.media.raster import Raster, front_facing, rasterise, signed_areas
 
 _DEPTH_TOLERANCE = 0.02  # of the portrait mesh's depth range: nearer surfaces than this occlude
 
@@ -48,7 +48,7 @@ class PortraitReference:
         while len(pyramid) <= max_level and min(pyramid[-1].shape[:2]) >= 64:
             pyramid.append(cv2.pyrDown(pyramid[-1]))
         raster = rasterise(vertices2d, vertex_depth, faces, image.shape[:2])
-        depth = raster.dense(raster.interpolate(vertex_depth, faces), fill=np.inf)
+        depth = raster.dense(raster.interpolate(vertex_depth), fill=np.inf)
         span = float(np.ptp(vertex_depth)) if vertex_depth.size else 0.0
         return cls(pyramid, raster, depth, vertices2d, vertex_depth, faces, front_facing(vertices2d, faces),
                    np.abs(signed_areas(vertices2d, faces)), max(span * _DEPTH_TOLERANCE, 1e-6))
@@ -78,7 +78,7 @@ def correspond(reference: PortraitReference, vertices2d: np.ndarray, vertex_dept
     """The correspondence of a render of ``size`` = (height, width) whose mesh projects to ``vertices2d``."""
     faces = reference.faces
     raster = rasterise(vertices2d, vertex_depth, faces, size)
-    xyz = raster.interpolate(np.column_stack([reference.vertices2d, reference.vertex_depth]), faces)
+    xyz = raster.interpolate(np.column_stack([reference.vertices2d, reference.vertex_depth]))
     xy, z = xyz[:, :2], xyz[:, 2]
     visible = reference.front[raster.tri] & _unoccluded(reference, raster.tri, xy, z)
     ratio = reference.area / np.maximum(np.abs(signed_areas(vertices2d, faces)), 1e-9)  # per triangle
