@@ -104,9 +104,9 @@ def speed(image: np.ndarray, frames: int) -> list[tuple[str, float, float]]:
     for size in (256, 512):
         mw = component(size)
         start = time.perf_counter()
-        source, _ = mw.prepare(Portrait(image))
+        source, _, tracking = mw.prepare_tracked(Portrait(image))
         prepare = time.perf_counter() - start
-        offsets = mw.expression_offsets(motion, source)
+        offsets = mw.expression_offsets(motion, tracking)
         render_frame(source, rotations[0], offsets(0))  # warm-up
         start = time.perf_counter()
         for i in range(len(motion)):
