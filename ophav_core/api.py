@@ -288,23 +288,31 @@ def render(avatar: str | Path, *, driver: str | Path | None = None, script: str 
 
 
 def evaluate(avatars: Sequence[str | Path], out: str | Path, *, dataset: str | Path | None = None,
-             driver: str | Path | None = None, portrait: str | Path | None = None, every: int = 10,
-             metrics: str = "psnr,ssim,lpips,fid,csim,aed,apd,akd", labels: Sequence[str] = (),
+             driver: str | Path | None = None, views: str | None = None, portrait: str | Path | None = None,
+             every: int = 10, metrics: str | Sequence[str] | None = None, labels: Sequence[str] = (),
              max_frames: int | None = None, size: int | None = None, field: str | None = None,
              tracker: str | None = None, segmenter: str | None = None, device: str | None = None,
              quiet: bool = False, log: Log | None = None) -> str:
-    """Measure avatars: self-reenactment against ``dataset`` (a dataset or a run directory) or cross-identity
-    reenactment by ``driver``. Writes metrics.json, table.md and compare.png in ``out``; returns the table."""
+    """Measure avatars: self-reenactment against ``dataset`` (a dataset or a run directory), cross-identity
+    reenactment by ``driver``, or novel views (``views="turntable"``: yaw -60..60 in steps of 15; ``"grid"``: those
+    yaws times pitch -25..25 in steps of 12.5). ``metrics``: names (None: every registered metric; for views the
+    view metrics). Identity is measured against ``portrait``, by default the run's own. Writes metrics.json,
+    table.md and compare.png (views also views.md and views.png) in ``out``; returns the table."""
     from ophav_core.config import DEFAULT_COMPONENTS
     from ophav_core.media import read_image, read_video
     from ophav_core.study import evaluation
 
     say = _logger(log, quiet)
     out = Path(out)
-    if (dataset is None) == (driver is None):
-        raise UsageError("give --dataset DIR (self-reenactment) or --driver VIDEO (cross-identity reenactment)")
+    if sum(x is not None for x in (dataset, driver, views)) != 1:
+        raise UsageError("give --dataset DIR (self-reenactment), --driver VIDEO (cross-identity reenactment) or "
+                         "--views turntable|grid (novel views)")
+    if views is not None and views not in ("turntable", "grid"):
+        raise UsageError(f"--views {views!r}: choose turntable or grid")
     if labels and len(labels) != len(avatars):
         raise UsageError(f"{len(labels)} --label for {len(avatars)} avatar(s)")
+    if views is not None and metrics is None:
+        metrics = evaluation.VIEW_METRICS
     wanted = evaluation.parse_metrics(metrics)
     avatars = [resolve_avatar(a) for a in avatars]
     reference = evaluation.load_reference(Path(dataset)) if dataset is not None else None
@@ -320,21 +328,26 @@ def evaluate(avatars: Sequence[str | Path], out: str | Path, *, dataset: str | P
         ckpt = field_c.load(avatar)
         name = labels[i] if labels else avatar_label(avatar)
         person = explicit_portrait
-        if person is None and video is not None and meta.get("portrait") and Path(meta["portrait"]).is_file():
-            person = read_image(meta["portrait"])
+        if person is None and meta.get("portrait") and Path(meta["portrait"]).is_file():
+            person = read_image(meta["portrait"])  # the run's own portrait: what identity is measured against
         if reference is not None:
             frames, masks, tracking, _ = reference
             result = evaluation.self_reenactment(field_c, tracker_c, ckpt, frames, masks, tracking, every=every,
                                                  portrait=person, metrics=wanted, device=work.device, label=name,
                                                  max_frames=max_frames)
-        else:
+        elif video is not None:
             segmenter_c, _ = create("segmenter", segmenter or components.get("segmenter")
                                     or DEFAULT_COMPONENTS["segmenter"], work)
             result = evaluation.cross_reenactment(field_c, tracker_c, ckpt, video, person, segmenter=segmenter_c,
                                                   metrics=wanted, device=work.device, label=name,
                                                   resolution=(size, size) if size else None)
+        else:
+            pitches = evaluation.GRID_PITCHES if views == "grid" else (0.0,)
+            result = evaluation.novel_views(field_c, ckpt, person, yaws=evaluation.TURNTABLE_YAWS, pitches=pitches,
+                                            size=size, metrics=wanted, tracker=tracker_c, device=work.device,
+                                            label=name)
         result.settings["avatar"] = str(avatar)
-        result.settings["source"] = str(dataset or driver)
+        result.settings["source"] = str(dataset or driver or f"--views {views}")
         results.append(result)
         say(f"evaluated {name}")
     return evaluation.write_outputs(out, results)

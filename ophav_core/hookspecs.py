@@ -48,3 +48,9 @@ def register_restorer(register) -> None:
 @hookspec
 def register_weights(register) -> None:
     """Register weights files (:class:`~ophav_core.weights.WeightFile`) that components need."""
+
+
+@hookspec
+def register_metric(register) -> None:
+    """Register metrics (:class:`~ophav_core.study.metrics.MetricSpec`) that ``ophav eval`` and ``ophav ablate``
+    report."""

@@ -44,12 +44,14 @@ class PluginInfo:
 
 @dataclass
 class PluginHost:
-    """The loaded plugins, the components they register, and the weights files they declare."""
+    """The loaded plugins, the components they register, the weights files they declare and the metrics they
+    offer (name -> :class:`~ophav_core.study.metrics.MetricSpec`)."""
 
     manager: pluggy.PluginManager
     registry: Registry
     plugins: list[PluginInfo] = field(default_factory=list)
     weights: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[PluginInfo]:
@@ -119,6 +121,10 @@ def build_host(extra_plugins: Iterable[tuple[str, Any]] = (), load_entry_points:
         info = by_plugin.get(id(impl.plugin))
         if info is not None and not info.error:
             _call_register(impl, info, partial(_register_weight, host.weights, info))
+    for impl in pm.hook.register_metric.get_hookimpls():
+        info = by_plugin.get(id(impl.plugin))
+        if info is not None and not info.error:
+            _call_register(impl, info, partial(_register_metric, host.metrics, info))
     return host
 
 
@@ -150,6 +156,20 @@ def _register_weight(weights: dict[str, Any], info: PluginInfo, weight) -> None:
     if weight.name in weights and weights[weight.name] != weight:
         raise OphavError(f"plugins {weights[weight.name].plugin} and {info.name} both declare weights {weight.name!r}")
     weights[weight.name] = weight
+
+
+def _register_metric(metrics: dict[str, Any], info: PluginInfo, spec) -> None:
+    from ophav_core.study.metrics import MetricSpec
+
+    if not isinstance(spec, MetricSpec):
+        raise TypeError(f"plugin {info.name}: register() takes a MetricSpec, got {type(spec).__name__}")
+    spec.package, spec.version, spec.plugin = info.package, info.version, info.name
+    old = metrics.get(spec.name)
+    if old is not None and not (old.package == spec.package and old.compute == spec.compute):
+        raise OphavError(f"two packages register the metric {spec.name!r}: {old.package} {old.version} (plugin "
+                         f"{old.plugin}) and {spec.package} {spec.version} (plugin {spec.plugin}); uninstall one, "
+                         f"or block one with OPHAV_DISABLE_PLUGINS={spec.plugin}")
+    metrics[spec.name] = spec
 
 
 _HOST: PluginHost | None = None

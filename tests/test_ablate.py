@@ -119,9 +119,13 @@ def test_local_study_records_failures_resumes_and_reports(env, monkeypatch):
     evaluated = json.loads((env / "study/cells" / cell.id / "eval/metrics.json").read_text())["results"][0]
     row = next(r for r in rows if r["cell"] == cell.id)
     assert float(row["psnr"]) == pytest.approx(evaluated["metrics"]["psnr"])
-    assert evaluated["settings"]["csim_reference"] == "portrait"
+    assert evaluated["settings"]["identity_reference"] == "portrait"
+    # The offline metrics are columns too (the fake renders hold no face a detector finds: detect rate 0).
+    assert float(row["floaters"]) == pytest.approx(evaluated["metrics"]["floaters"])
+    assert float(row["detect_rate"]) == 0.0 and row["identity"] == ""
     text = (env / "study/results.md").read_text()
     assert "## Mean over portraits" in text and "| fake(gain=20) | 2 | 2 |" in text
+    assert "floaters↓" in text and "detect↑" in text
     assert (env / "study/plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     fakes.CALLS.clear()

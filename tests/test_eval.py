@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ophav_core.study import evaluation as ev
+from ophav_metrics import paper
 from ophav_core.config import build_config, resolve
 from ophav_core.stages.motion import euler_to_matrix
 from ophav_core.plugins import build_host
@@ -34,7 +35,7 @@ def test_psnr_and_ssim_agree_with_scikit_image_on_whole_images():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     pred, target = random_pair()
-    for i, (p, s) in enumerate(zip(ev.psnr(pred, target), ev.ssim(pred, target))):
+    for i, (p, s) in enumerate(zip(paper.psnr(pred, target), paper.ssim(pred, target))):
         assert p == pytest.approx(peak_signal_noise_ratio(target[i], pred[i], data_range=255), rel=1e-9)
         assert s == pytest.approx(structural_similarity(target[i], pred[i], channel_axis=-1, data_range=255,
                                                         gaussian_weights=True, sigma=1.5,
@@ -51,11 +52,11 @@ def test_masked_psnr_and_ssim_use_only_the_region():
     pred_outside[~region] = 0  # changes outside the region must not matter
     expected = [10 * np.log10(255.0 ** 2 / np.mean((pred[i][region[i]].astype(float)
                                                      - target[i][region[i]].astype(float)) ** 2)) for i in range(2)]
-    np.testing.assert_allclose(ev.psnr(pred_outside, target, region), expected, rtol=1e-9)
+    np.testing.assert_allclose(paper.psnr(pred_outside, target, region), expected, rtol=1e-9)
     _, full = structural_similarity(target[0], pred[0], channel_axis=-1, data_range=255, full=True,
                                     gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-    assert ev.ssim(pred, target, region)[0] == pytest.approx(full[region[0]].mean(), rel=1e-9)
-    assert ev.psnr(target, target, region)[0] == ev.PSNR_CAP
+    assert paper.ssim(pred, target, region)[0] == pytest.approx(full[region[0]].mean(), rel=1e-9)
+    assert paper.psnr(target, target, region)[0] == paper.PSNR_CAP
 
 
 def test_uncomposite_takes_out_a_constant_background():
@@ -77,13 +78,13 @@ def test_pose_expression_and_keypoint_distances_have_known_values():
     b = synthetic_tracking(4, 64, max_yaw=0.0)
     turn = euler_to_matrix(np.array([0.0, 5.0, 10.0, 30.0]), np.zeros(4), np.zeros(4))
     b.rotation = (turn @ b.rotation).astype(np.float32)
-    np.testing.assert_allclose(ev.pose_distance(a, b), [0, 5, 10, 30], atol=1e-3)
+    np.testing.assert_allclose(paper.pose_distance(a, b), [0, 5, 10, 30], atol=1e-3)
     b.expression = a.expression + np.array([0.0, 0.1, 0.2, 0.4], np.float32)[:, None]
-    np.testing.assert_allclose(ev.expression_distance(a, b), [0, 0.1, 0.2, 0.4], atol=1e-6)
+    np.testing.assert_allclose(paper.expression_distance(a, b), [0, 0.1, 0.2, 0.4], atol=1e-6)
     shifted = synthetic_tracking(4, 64, max_yaw=0.0)
     shifted.K = shifted.K.copy()
     shifted.K[0, 2] += 2.0  # every projected point moves 2 pixels right at 64 pixels wide
-    np.testing.assert_allclose(ev.keypoint_distance(a, shifted), 2.0 * ev.AKD_WIDTH / 64, rtol=1e-4)
+    np.testing.assert_allclose(paper.keypoint_distance(a, shifted), 2.0 * paper.AKD_WIDTH / 64, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- protocols
@@ -133,7 +134,7 @@ def test_self_reenactment_matches_an_independent_computation(fake_run):
     for name in ("aed", "apd", "akd"):
         assert result.metrics[name] is not None and result.metrics[name] >= 0
     # Networks without weights: n/a with the store's message, never a number.
-    for name, weight in (("lpips", ev.LPIPS_ALEXNET), ("fid", ev.FID_INCEPTION), ("csim", ev.ARCFACE_R100)):
+    for name, weight in (("lpips", paper.LPIPS_ALEXNET), ("fid", paper.FID_INCEPTION), ("csim", paper.ARCFACE_R100)):
         assert result.metrics[name] is None and weight.filename in result.missing[name]
 
 
@@ -170,7 +171,7 @@ def test_cross_reenactment_with_fakes(fake_run):
                                   segmenter=scheduler.component("segmenter"), metrics=["psnr", "fid", "csim", "apd"])
     assert set(result.metrics) == {"psnr", "fid", "csim", "apd"}
     assert result.metrics["psnr"] is None and "no ground-truth" in result.missing["psnr"]
-    assert result.metrics["fid"] is None and ev.FID_INCEPTION.filename in result.missing["fid"]
+    assert result.metrics["fid"] is None and paper.FID_INCEPTION.filename in result.missing["fid"]
     # The fake tracker takes the driver's yaw from the frames' driving data and finds none in the renders, so
     # APD (the geodesic angle between the two rotations) is the driver's mean absolute yaw.
     assert result.metrics["apd"] == pytest.approx(np.abs(motion.yaw).mean(), abs=1e-3)
@@ -182,8 +183,9 @@ def test_markdown_table_has_the_paper_columns_and_reasons():
              "missing": {"lpips": "weights file alexnet missing"}},
             {"protocol": "self", "label": "base", "metrics": {"psnr": 28.0}}]
     table = ev.markdown_table(rows)
-    assert "| Method | PSNR↑ | SSIM↑ | LPIPS↓ | FID↓ | CSIM↑ | AED↓ | APD↓ | AKD↓ |" in table
-    assert "| ours | 30.12 | 0.9100 | n/a |" in table and "LPIPS↓: weights file alexnet missing" in table
+    assert "| Method | PSNR↑ | SSIM↑ | LPIPS↓ |" in table  # the columns the rows carry, in the paper's order
+    assert "| ours | 30.12 | 0.9100 | n/a |" in table and "| base | 28.00 | n/a | n/a |" in table
+    assert "LPIPS↓: weights file alexnet missing" in table
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -200,11 +202,11 @@ def test_lpips_loads_the_store_trunk_like_the_lpips_package(store, monkeypatch):
     lpips = pytest.importorskip("lpips")
     torch.manual_seed(0)
     trunk = torchvision.models.alexnet(weights=None)
-    torch.save(trunk.state_dict(), store / ev.LPIPS_ALEXNET.filename)
+    torch.save(trunk.state_dict(), store / paper.LPIPS_ALEXNET.filename)
     monkeypatch.setenv("OPHAV_WEIGHTS", str(store))
-    ev.verify_alexnet(store / ev.LPIPS_ALEXNET.filename)
+    paper.verify_alexnet(store / paper.LPIPS_ALEXNET.filename)
     pred, target = random_pair(2, 48)
-    ours = ev.lpips_distance(pred, target)
+    ours = paper.lpips_distance(pred, target)
     # The lpips package's own wiring, handed the same trunk instead of downloading one.
     with mock.patch.object(lpips.pretrained_networks.tv, "alexnet", lambda **kw: trunk):
         reference = lpips.LPIPS(net="alex", verbose=False).eval()
@@ -212,20 +214,20 @@ def test_lpips_loads_the_store_trunk_like_the_lpips_package(store, monkeypatch):
         to = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
         expected = reference(to(pred), to(target)).reshape(-1).numpy()
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
-    assert np.allclose(ev.lpips_distance(target, target), 0.0, atol=1e-6)
+    assert np.allclose(paper.lpips_distance(target, target), 0.0, atol=1e-6)
 
 
 def test_wrong_lpips_file_is_rejected(tmp_path):
     torch = pytest.importorskip("torch")
     torch.save({"features.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(RuntimeError):
-        ev.verify_alexnet(tmp_path / "bad.pth")
+        paper.verify_alexnet(tmp_path / "bad.pth")
 
 
 def _random_arcface(path, layers):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
-    model = ev._iresnet_class()(layers)
+    model = paper._iresnet_class()(layers)
     for module in model.modules():  # non-trivial statistics so that the embedding depends on the image
         if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
             module.running_mean.uniform_(-0.1, 0.1)
@@ -236,25 +238,25 @@ def _random_arcface(path, layers):
 def test_arcface_public_key_layout_and_csim(store, monkeypatch):
     torch = pytest.importorskip("torch")
     with torch.device("meta"):
-        r100 = ev._iresnet_class()(ev.IRESNET_LAYERS["r100"]).state_dict()
+        r100 = paper._iresnet_class()(paper.IRESNET_LAYERS["r100"]).state_dict()
     # Names and shapes of arcface_torch's iresnet100 backbone.pth.
     for key, shape in {"conv1.weight": (64, 3, 3, 3), "prelu.weight": (64,), "layer1.0.bn1.running_var": (64,),
                        "layer1.0.downsample.0.weight": (64, 64, 1, 1), "layer2.12.conv2.weight": (128, 128, 3, 3),
                        "layer3.29.prelu.weight": (256,), "layer4.2.bn3.weight": (512,), "bn2.num_batches_tracked": (),
                        "fc.weight": (512, 25088), "features.running_mean": (512,)}.items():
         assert tuple(r100[key].shape) == shape, key
-    assert ev.iresnet_layers_from_state(r100) == (3, 13, 30, 3)
+    assert paper.iresnet_layers_from_state(r100) == (3, 13, 30, 3)
     assert not any("dropout" in k for k in r100)
 
-    path = store / ev.ARCFACE_R100.filename
-    _random_arcface(path, ev.IRESNET_LAYERS["r18"])  # a small public backbone (r18) keeps the test fast
-    ev.verify_arcface(path)
+    path = store / paper.ARCFACE_R100.filename
+    _random_arcface(path, paper.IRESNET_LAYERS["r18"])  # a small public backbone (r18) keeps the test fast
+    paper.verify_arcface(path)
     monkeypatch.setenv("OPHAV_WEIGHTS", str(store))
     tracking = synthetic_tracking(3, 64)
     images, _ = render_synthetic(tracking)
-    same = ev.csim(images.frames, tracking.landmarks5(), images.frames, tracking.landmarks5())
+    same = paper.csim(images.frames, tracking.landmarks5(), images.frames, tracking.landmarks5())
     np.testing.assert_allclose(same, 1.0, atol=1e-5)
-    other = ev.csim(images.frames, tracking.landmarks5(), images.frames[::-1], tracking.landmarks5()[::-1])
+    other = paper.csim(images.frames, tracking.landmarks5(), images.frames[::-1], tracking.landmarks5()[::-1])
     assert (other < 0.9999).any() and (np.abs(other) <= 1 + 1e-6).all()
 
 
@@ -264,11 +266,11 @@ def test_face_alignment_puts_the_landmarks_on_the_arcface_template():
     tracking = synthetic_tracking(2, 96)
     landmarks = tracking.landmarks5()
     for i in range(2):
-        matrix = ev._similarity(landmarks[i][list(ev.SUBJECT_TO_TEMPLATE)].astype(np.float64), ev.ARCFACE_TEMPLATE_112)
-        moved = cv2.transform(landmarks[i][None].astype(np.float64), matrix)[0][list(ev.SUBJECT_TO_TEMPLATE)]
+        matrix = paper._similarity(landmarks[i][list(paper.SUBJECT_TO_TEMPLATE)].astype(np.float64), paper.ARCFACE_TEMPLATE_112)
+        moved = cv2.transform(landmarks[i][None].astype(np.float64), matrix)[0][list(paper.SUBJECT_TO_TEMPLATE)]
         # The image-left eye of the template is the subject's right eye.
         assert moved[0, 0] < moved[1, 0] and moved[3, 0] < moved[4, 0]
-        assert np.abs(moved - ev.ARCFACE_TEMPLATE_112).max() < 8.0
+        assert np.abs(moved - paper.ARCFACE_TEMPLATE_112).max() < 8.0
 
 
 def test_fid_uses_torch_fidelity_and_matches_scipy(monkeypatch, tmp_path):
@@ -276,23 +278,23 @@ def test_fid_uses_torch_fidelity_and_matches_scipy(monkeypatch, tmp_path):
     from scipy import linalg
 
     monkeypatch.setenv("OPHAV_WEIGHTS", str(tmp_path))
-    (tmp_path / ev.FID_INCEPTION.filename).write_bytes(b"stand-in: features are mocked below")
+    (tmp_path / paper.FID_INCEPTION.filename).write_bytes(b"stand-in: features are mocked below")
     rng = np.random.default_rng(0)
     table = {}
 
     def features(images, device="cpu", weights=None):  # deterministic 6-d "features" per image
         return np.stack([table.setdefault(im.tobytes(), rng.normal(size=6)) for im in images])
 
-    monkeypatch.setattr(ev, "inception_features", features)
+    monkeypatch.setattr(paper, "inception_features", features)
     pred, target = random_pair(12, 8)
-    value = ev.fid(pred, target)
+    value = paper.fid(pred, target)
     fa, fb = features(pred), features(target)
     ma, mb, ca, cb = fa.mean(0), fb.mean(0), np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
     expected = np.sum((ma - mb) ** 2) + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
     assert value == pytest.approx(expected, rel=1e-6)
-    assert ev.fid(pred, pred) == pytest.approx(0.0, abs=1e-6)
+    assert paper.fid(pred, pred) == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
-        ev.fid(pred[:1], target)
+        paper.fid(pred[:1], target)
 
 
 @pytest.mark.slow
@@ -306,26 +308,31 @@ def test_inception_checkpoint_loads_strictly_and_gives_features(tmp_path, monkey
     for key in state:  # keep activations alive through the random network
         if key.endswith("running_var"):
             state[key].fill_(0.15)
-    torch.save(state, tmp_path / ev.FID_INCEPTION.filename)
-    ev.verify_inception(tmp_path / ev.FID_INCEPTION.filename)
+    torch.save(state, tmp_path / paper.FID_INCEPTION.filename)
+    paper.verify_inception(tmp_path / paper.FID_INCEPTION.filename)
     monkeypatch.setenv("OPHAV_WEIGHTS", str(tmp_path))
-    feats = ev.inception_features(random_pair(2, 32)[0])
+    feats = paper.inception_features(random_pair(2, 32)[0])
     assert feats.shape == (2, 2048) and np.isfinite(feats).all() and feats.std() > 0
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(RuntimeError):
-        ev.verify_inception(tmp_path / "bad.pth")
+        paper.verify_inception(tmp_path / "bad.pth")
 
 
 def test_metric_weights_are_declared_through_the_weights_hook():
-    host = build_host(extra_plugins=[("metrics", ev)], load_entry_points=False)
-    assert set(ev.METRIC_WEIGHTS) <= set(host.weights)
+    from ophav_metrics import plugin
+
+    host = build_host(extra_plugins=[("metrics", plugin)], load_entry_points=False)
+    assert set(paper.METRIC_WEIGHTS) <= set(host.weights)
     assert host.weights["arcface-r100"].restricted
+    assert set(ev.PAPER_METRICS) <= set(host.metrics) and host.metrics["lpips"].weights == ("lpips-alexnet",)
 
 
 def test_importing_the_study_modules_imports_no_torch():
-    code = ("import sys, ophav_core.study.evaluation, ophav_core.study.ablate, ophav_core.cli.study; "
+    code = ("import sys, ophav_core.study.evaluation, ophav_core.study.metrics, ophav_core.study.ablate, "
+            "ophav_core.cli.study, ophav_metrics.plugin, ophav_metrics.paper, ophav_metrics.offline; "
+            "from ophav_core.plugins import get_host; get_host(); "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'lpips', 'torch_fidelity', 'ray', "
-            "'matplotlib', 'cv2', 'skimage')]; print(bad); sys.exit(1 if bad else 0)")
+            "'matplotlib', 'cv2', 'skimage', 'dlib')]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -353,7 +360,8 @@ def test_eval_command_self_and_cross(fakes_env, portrait_file, tmp_path, capsys)
     code, out, err = run_main(["eval", avatar, "--dataset", str(tmp_path / "r"), "--every", "2", "--out",
                                str(tmp_path / "ev"), "-q"], capsys)
     assert code == 0, err
-    assert "| Method | PSNR↑ | SSIM↑ | LPIPS↓ | FID↓ | CSIM↑ | AED↓ | APD↓ | AKD↓ |" in out and "| r |" in out
+    assert "| Method | PSNR↑ | SSIM↑ | LPIPS↓ | FID↓ | CSIM↑ | AED↓ | APD↓ | AKD↓ | ID dist↓ |" in out and "| r |" in out
+    assert "detect↑" in out and "floaters↓" in out  # the offline metrics, after the paper's
     data = json.loads((tmp_path / "ev/metrics.json").read_text())
     row = data["results"][0]
     assert row["protocol"] == "self" and row["metrics"]["psnr"] > 0 and row["metrics"]["lpips"] is None

@@ -64,13 +64,20 @@ def plugin_rows() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                      "plugin": spec.plugin, "summary": spec.summary, "missing_requirements": missing,
                      "weights": weights,
                      "ready": not missing and all(state == "present" for state in weights.values())})
+    for metric in sorted(host.metrics.values(), key=lambda m: (m.order, m.name)):  # metrics are plugins too
+        missing = metric.missing_requirements()
+        weights = {w: present.get(w, "undeclared") for w in metric.weights}
+        rows.append({"stage": "metric", "name": metric.name, "package": metric.package, "version": metric.version,
+                     "plugin": metric.plugin, "summary": metric.summary or metric.definition,
+                     "missing_requirements": missing, "weights": weights,
+                     "ready": not missing and all(state == "present" for state in weights.values())})
     failures = [{"plugin": p.name, "package": p.package, "version": p.version, "error": p.error} for p in host.failures]
     return rows, failures
 
 
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
-    """List every registered component by stage, with its package, version and readiness."""
+    """List every registered component by stage, and every metric, with its package, version and readiness."""
     rows, failures = plugin_rows()
     if as_json:
         typer.echo(json.dumps({"components": rows, "failures": failures}, indent=2))

@@ -18,28 +18,34 @@ def eval_command(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="self-reenactment: a dataset (`ophav "
                                            "preprocess`) or a run directory (its coarse video)"),
     driver: Optional[Path] = typer.Option(None, "--driver", help="cross-identity reenactment: another person's video"),
-    portrait: Optional[Path] = typer.Option(None, "--portrait", help="identity reference for CSIM (default in "
-                                            "--driver mode: the run's portrait)"),
+    views: Optional[str] = typer.Option(None, "--views", help="novel views: turntable (yaw -60..60 step 15) or grid "
+                                        "(those yaws x pitch -25..25 step 12.5); per-angle table and plot"),
+    portrait: Optional[Path] = typer.Option(None, "--portrait", help="identity reference for identity, colour and "
+                                            "CSIM (default: the run's portrait)"),
     every: int = typer.Option(10, "--every", min=1, help="self-reenactment: evaluate every Nth frame (the frames "
                               "`ophav fit --holdout N` leaves out)"),
-    metrics: str = typer.Option("psnr,ssim,lpips,fid,csim,aed,apd,akd", "--metrics", help="comma-separated"),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="comma-separated metric names (default: every "
+                                          "registered metric; with --views: identity, detect_rate, colour_drift, "
+                                          "sharpness, floaters); `ophav plugins` lists them"),
     label: List[str] = typer.Option([], "--label", help="row name per avatar (default: the run's name)"),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", min=1, help="evaluate at most this many frames"),
-    size: Optional[int] = typer.Option(None, "--size", min=16, help="cross-identity: render resolution"),
+    size: Optional[int] = typer.Option(None, "--size", min=16, help="cross-identity and views: render resolution"),
     field: Optional[str] = _component_option("field"),
     tracker: Optional[str] = _component_option("tracker"),
     segmenter: Optional[str] = _component_option("segmenter"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Measure avatars with the paper's metrics (PSNR SSIM LPIPS FID CSIM AED APD AKD) and print Table 1."""
+    """Measure avatars with every registered metric (the paper's PSNR SSIM LPIPS FID CSIM AED APD AKD, the offline
+    identity, akd68, colour drift, sharpness, detection rate and floaters, and any plugin's) and print Table 1."""
     from ophav_core import api
 
-    table = api.evaluate(avatars, out, dataset=dataset, driver=driver, portrait=portrait, every=every,
+    table = api.evaluate(avatars, out, dataset=dataset, driver=driver, views=views, portrait=portrait, every=every,
                          metrics=metrics, labels=label, max_frames=max_frames, size=size, field=field,
                          tracker=tracker, segmenter=segmenter, device=device, quiet=quiet, log=_echo)
     typer.echo(table)
-    _echo(f"wrote {out / 'metrics.json'}, {out / 'table.md'} and {out / 'compare.png'}")
+    extra = f", {out / 'views.md'}, {out / 'views.png'}" if views else ""
+    _echo(f"wrote {out / 'metrics.json'}, {out / 'table.md'}{extra} and {out / 'compare.png'}")
 
 
 @app.command()

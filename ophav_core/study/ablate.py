@@ -17,8 +17,10 @@ the cell computes), holding besides the run its ``cell.json``, the ``config.yaml
 ``ophav run --config``), ``eval/metrics.json`` and ``result.json``. The evaluation of a cell (honest about what
 it is): the final avatar re-renders every Nth frame of the cell's own coarse video at their tracked parameters
 (PSNR/SSIM/LPIPS/FID against those frames: fidelity to the coarse video, which the avatar was trained on), CSIM
-against the portrait (identity preserved through the restore rounds) and AED/APD/AKD against the frames'
-tracking; with ``eval.driver`` also a cross-identity reenactment (``cross_*`` columns).
+and the dlib identity distance against the portrait (identity preserved through the restore rounds), colour
+drift, sharpness against the frames, detection rate, floaters, and AED/APD/AKD against the frames' tracking:
+every registered metric, a third party's included, unless ``eval.metrics`` names some; with ``eval.driver``
+also a cross-identity reenactment (``cross_*`` columns).
 
 Shared work is done once: cells that differ only after some step (the restorer, the number of rounds) take
 the finished steps they share from each other (the scheduler's step keys, see :mod:`ophav_core.pipeline.scheduler`), and
@@ -53,7 +55,8 @@ from typing import Any, Callable, Iterable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ophav_core.errors import OphavError, UsageError
-from ophav_core.study.evaluation import HEADERS, METRICS, format_value, parse_metrics
+from ophav_core.study.evaluation import column_info, parse_metrics
+from ophav_core.study.metrics import Column
 from ophav_core.registry import STAGE_KEYS
 
 STUDY_VERSION = 1
@@ -67,13 +70,15 @@ class GridEval(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(4, ge=1, description="evaluate every Nth frame of the cell's coarse video")
-    metrics: list[str] = Field(default_factory=lambda: list(METRICS), description="metrics to compute")
+    metrics: list[str] | None = Field(None, description="metrics to compute (default: every registered metric)")
     driver: str | None = Field(None, description="a driving video for a cross-identity evaluation of each cell")
     max_frames: int | None = Field(None, ge=1, description="at most this many evaluated frames per cell")
 
     @field_validator("metrics")
     @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
         try:
             return list(parse_metrics(value))
         except UsageError as exc:
@@ -598,6 +603,7 @@ def result_rows(study: Study) -> list[dict[str, Any]]:
         row["rounds_run"] = result.get("rounds")
         for name, value in (result.get("metrics") or {}).items():
             row[name] = value
+        row["_metric_names"] = list(result.get("metrics") or {})
         row["seconds"] = result.get("seconds")
         row["reused_seconds"] = result.get("reused_seconds")
         row["error"] = result.get("error", "")
@@ -605,9 +611,24 @@ def result_rows(study: Study) -> list[dict[str, Any]]:
     return rows
 
 
+def _known_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Column names of the registered metrics in table order, then any other metric the rows carry (a plugin
+    that is no longer installed)."""
+    names = list(column_info())
+    seen = set(names)
+    for row in rows:
+        for key in row.get("_metric_names", ()):
+            base = key[6:] if key.startswith("cross_") else key
+            if base not in seen:
+                names.append(base)
+                seen.add(base)
+    return names
+
+
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    names = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
-    names += [f"cross_{m}" for m in METRICS if any(r.get(f"cross_{m}") is not None for r in rows)]
+    known = _known_columns(rows)
+    names = [m for m in known if any(r.get(m) is not None for r in rows)]
+    names += [f"cross_{m}" for m in known if any(r.get(f"cross_{m}") is not None for r in rows)]
     return names
 
 
@@ -615,7 +636,8 @@ def write_csv(path: Path, study: Study, rows: list[dict[str, Any]]) -> None:
     from ophav_core.stages.data import atomic_write_bytes
 
     columns = ["cell", "status", "portrait", "driver", *study.grid.axes, "rounds_run"]
-    columns += [m for m in [*METRICS, *(f"cross_{m}" for m in METRICS)] if any(m in r for r in rows)]
+    known = _known_columns(rows)
+    columns += [m for m in [*known, *(f"cross_{m}" for m in known)] if any(m in r for r in rows)]
     columns += ["seconds", "reused_seconds", "error"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
@@ -625,14 +647,17 @@ def write_csv(path: Path, study: Study, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
+def _column(metric: str) -> Column:
+    name = metric[6:] if metric.startswith("cross_") else metric
+    return column_info().get(name) or Column(name, name, True)
+
+
 def _header(metric: str) -> str:
-    if metric.startswith("cross_"):
-        return f"x-{HEADERS[metric[6:]]}"
-    return HEADERS[metric]
+    return ("x-" if metric.startswith("cross_") else "") + _column(metric).header
 
 
 def _fmt(metric: str, value: Any) -> str:
-    return format_value(metric[6:] if metric.startswith("cross_") else metric, value)
+    return _column(metric).format(value)
 
 
 def _mean(values: list[Any]) -> float | None:

