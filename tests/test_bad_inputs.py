@@ -330,7 +330,8 @@ def test_render_takes_a_run_directorys_avatar(fakes_env, portrait_file, tmp_path
     assert code == 0, err
     clip = tmp_path / "clip" / "turn.mp4"
     before = _files_under(tmp_path)
-    code, err = run_cli(["render", str(run_dir), "--views", "turntable", "--seconds", "0.4", "--out", str(clip)], capsys)
+    code, err = run_cli(["render", str(run_dir), "--views", "turntable", "--seconds", "0.4", "--out", str(clip)],
+                        capsys)
     assert code == 0, err
     assert clip.is_file() and clip.stat().st_size > 0
     assert not [p for p in _files_under(tmp_path) - before if clip.parent not in p.parents and p != clip.parent]
