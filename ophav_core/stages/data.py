@@ -60,7 +60,8 @@ def _bind(owner: str, sizes: dict[str, int], key: str, value: int, what: str) ->
 
 def _check_indices(owner: str, name: str, index: np.ndarray, count: int) -> None:
     if index.size and (index.min() < 0 or index.max() >= count):
-        raise InvalidData(f"{owner}.{name}: vertex indices must lie in [0, {count}), got [{index.min()}, {index.max()}]")
+        raise InvalidData(f"{owner}.{name}: vertex indices must lie in [0, {count}), "
+                          f"got [{index.min()}, {index.max()}]")
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -405,8 +406,7 @@ class Tracking(_NpzContainer):
     @property
     def topology(self) -> MeshTopology:
         """The mesh's topology (triangles, UVs, vertex groups, mirror map, template) as one container."""
-        return MeshTopology(faces=self.faces, name=self.mesh_type, uv=self.uv, groups=dict(self.semantic),
-                            symmetry=self.symmetry, template=self.template, num_vertices=self.canonical_vertices.shape[0])
+        return self._topology(self.canonical_vertices.shape[0])
 
     def __len__(self) -> int:
         return int(self.rotation.shape[0])
