@@ -380,12 +380,28 @@ def test_eval_command_self_and_cross(fakes_env, portrait_file, tmp_path, capsys)
     assert row["metrics"]["aed"] is not None and "no ground-truth" in row["missing"]["psnr"]
     assert "Cross-identity" in out
 
+    # Novel views of the same avatar (given as its run directory): the per-angle table and plot.
+    code, out, err = run_main(["eval", str(tmp_path / "r"), "--views", "turntable", "--out", str(tmp_path / "v"),
+                               "-q"], capsys)
+    assert code == 0, err
+    lines = [line for line in (tmp_path / "v/views.md").read_text().splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| yaw | pitch | ID dist↓ | no face↓ | detect↑ |") and len(lines) == 1 + 9 + 1
+    assert [line.split("|")[1].strip() for line in lines[1:10]] == ["-60", "-45", "-30", "-15", "+0", "+15", "+30",
+                                                                     "+45", "+60"]
+    assert (tmp_path / "v/views.png").read_bytes()[:4] == b"\x89PNG" and "Novel views" in out
+    row = json.loads((tmp_path / "v/metrics.json").read_text())["results"][0]
+    assert row["protocol"] == "views" and row["settings"]["yaw"][0] == -60.0 and len(row["per_frame"]["floaters"]) == 9
+    # The fake avatar is no face for dlib: identity is n/a with the reason, the detection rate a measured 0.
+    assert row["metrics"]["identity"] is None and "no face" in row["missing"]["identity"]
+    assert row["metrics"]["detect_rate"] == 0.0
+
 
 @pytest.mark.parametrize("extra, message", [([], "give --dataset"), (["--metrics", "psnr,nope"], "unknown metric"),
-                                            (["--label", "a", "--label", "b"], "2 --label")])
+                                            (["--label", "a", "--label", "b"], "2 --label"),
+                                            (["--views", "sideways"], "turntable or grid")])
 def test_eval_command_usage_errors_exit_2(fakes_env, tmp_path, capsys, extra, message):
     avatar = tmp_path / "a.ckpt"
     avatar.write_bytes(b"x")
-    dataset = [] if message == "give --dataset" else ["--dataset", str(tmp_path)]
+    dataset = [] if message in ("give --dataset", "turntable or grid") else ["--dataset", str(tmp_path)]
     code, _, err = run_main(["eval", str(avatar), *dataset, "--out", str(tmp_path / "o"), *extra], capsys)
     assert code == 2 and message in err

@@ -268,7 +268,10 @@ def compute_metric(spec: MetricSpec, inputs: MetricInputs) -> tuple[dict[str, An
     except (WeightsMissing, MetricInputMissing) as exc:
         return None, str(exc)
     except ImportError as exc:
-        return None, f"{exc.name or exc} is not installed ({spec.install_hint()})" if exc.name else str(exc)
+        text = str(exc)
+        if isinstance(exc, ModuleNotFoundError) or not text:
+            text = f"{exc.name or exc} is not installed"
+        return None, text if "pip install" in text else f"{text} ({spec.install_hint()})"
     except (InvalidData, NoFaceFound, ValueError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # a broken third-party metric must not take the others down

@@ -130,3 +130,63 @@ def check_restorer(component: Restorer, batch: RestoreInput | None = None) -> np
     assert isinstance(out, np.ndarray) and out.dtype == np.uint8, "restore() must return a uint8 array"
     assert out.shape == batch.images.shape, f"restored shape {out.shape} != input shape {batch.images.shape}"
     return out
+
+
+def synthetic_metric_inputs(num: int = 4, size: int = 64, protocol: str = "self", seed: int = 0):
+    """MetricInputs with every input of :data:`~ophav_core.study.metrics.INPUTS` filled from the synthetic head
+    (renders = the synthetic frames slightly changed, ground truth = the frames), so any metric can run."""
+    from ophav_core.study.evaluation import matte, tracked_head_region
+    from ophav_core.study.metrics import MetricInputs
+
+    tracking = synthetic_tracking(num, size, seed=seed)
+    frames, masks = render_synthetic(tracking)
+    rng = np.random.default_rng(seed)
+    target = matte(frames.frames, masks.alpha)
+    pred = np.clip(target.astype(np.int16) + rng.integers(-6, 7, target.shape), 0, 255).astype(np.uint8)
+    portrait = synthetic_portrait(size, seed).image
+    given = {"alpha": masks.alpha, "target": target, "region": masks.alpha > 0.5, "frames": frames.frames,
+             "real_heads": target, "portrait": portrait, "neutral": target[:1],
+             "head_region": tracked_head_region(tracking), "render_tracking": tracking, "template": tracking,
+             "reference_tracking": tracking, "identity_reference": (target, tracking.landmarks5()), "fps": 5.0,
+             "device": "cpu"}
+    return MetricInputs(protocol, pred, given=given)
+
+
+def check_metric(spec, inputs=None) -> dict:
+    """What every metric plugin must guarantee: a well-formed :class:`~ophav_core.study.metrics.MetricSpec`; a
+    compute that (given every input it needs) returns its declared columns, each one value per render or one
+    for the set, finite or NaN, the same twice; and, missing any input it declares in ``needs`` (or a required
+    package), an ``n/a`` reason instead of a number. Returns the computed columns ({} when the metric cannot run
+    here: its packages or weights are missing, which the reason says)."""
+    from ophav_core.study.metrics import INPUTS, MetricInputs, MetricSpec, compute_metric
+
+    assert isinstance(spec, MetricSpec), f"register() takes a MetricSpec, got {type(spec).__name__}"
+    assert spec.definition.strip(), f"metric {spec.name!r} has no definition (what exactly is measured?)"
+    assert all(n in INPUTS for n in spec.needs)
+    names = [c.name for c in spec.columns()]
+    assert len(set(names)) == len(names) and names[0] == spec.name
+    if not spec.missing_requirements():
+        assert callable(spec.compute_function()), f"metric {spec.name!r}: compute does not resolve to a callable"
+    inputs = inputs or synthetic_metric_inputs()
+    values, reason = compute_metric(spec, inputs)
+    if values is None:
+        assert reason and isinstance(reason, str), f"metric {spec.name!r}: n/a without a reason"
+        return {}
+    assert set(values) <= set(names), f"metric {spec.name!r} returned undeclared columns {sorted(values)}"
+    again, _ = compute_metric(spec, inputs)
+    for name, value in values.items():
+        if isinstance(value, Exception):
+            assert str(value), f"metric {spec.name!r}: column {name} is n/a without a reason"
+            continue
+        arr = np.asarray(value, np.float64)
+        assert arr.ndim == 0 or arr.shape == (len(inputs),), f"{spec.name}.{name}: shape {arr.shape}"
+        assert not np.isinf(arr).any(), f"{spec.name}.{name}: infinite values (use NaN for 'not measurable')"
+        np.testing.assert_allclose(np.asarray(again[name], np.float64), arr, rtol=1e-9, atol=0, equal_nan=True,
+                                   err_msg=f"{spec.name}.{name} differs between two identical calls")
+    for need in spec.needs:  # without a needed input: n/a with a reason, never a number
+        given = {k: inputs.get(k) for k in INPUTS if k != need and k != "pred" and inputs.has(k)}
+        partial = MetricInputs(inputs.protocol, inputs.pred, given=given, unavailable={need: f"test: no {need}"})
+        missing_values, missing_reason = compute_metric(spec, partial)
+        assert missing_values is None and missing_reason == f"test: no {need}", \
+            f"metric {spec.name!r} computed without its declared need {need!r}"
+    return values
