@@ -21,6 +21,9 @@ class Profile(BaseModel):
     rounds: int = Field(ge=0, description="rounds of the iterative dataset update")
     restore_views: int = Field(gt=0, description="renders restored per round")
     preview_frames: int = Field(gt=0, description="frames of preview.mp4")
+    widen_yaw: float = Field(12.0, ge=0, description="degrees of yaw each restore round adds on both sides of the "
+                             "range the coarse video covers")
+    widen_pitch: float = Field(5.0, ge=0, description="degrees of pitch each restore round adds on both sides")
 
 
 PROFILES: dict[str, Profile] = {

@@ -51,16 +51,32 @@ def requests_from_driver(template: Tracking, driver: Tracking, base: int | None 
     return RenderRequest(rotation, translation, expression, K, size)
 
 
-def jittered_views(tracking: Tracking, count: int, rng: np.random.Generator, max_yaw: float = 30.0,
-                   max_pitch: float = 12.0) -> RenderRequest:
-    """``count`` render requests for the iterative dataset update: tracked expressions and poses, each turned by
-    a random extra yaw/pitch so that the restored set also covers views the coarse video showed less."""
+def pose_angles(tracking: Tracking) -> tuple[np.ndarray, np.ndarray]:
+    """(yaw, pitch) in degrees of every tracked frame's head rotation."""
+    from ophav_core.stages.motion import matrix_to_euler
+
+    yaw, pitch, _ = matrix_to_euler(tracking.rotation)
+    return np.asarray(yaw, np.float64), np.asarray(pitch, np.float64)
+
+
+def widening_views(tracking: Tracking, count: int, rng: np.random.Generator, widen_yaw: float = 0.0,
+                   widen_pitch: float = 0.0) -> RenderRequest:
+    """``count`` render requests for a round of the iterative dataset update: tracked expressions and poses, each
+    turned so that the views cover the yaw and pitch range the tracking covers, grown by ``widen_yaw`` /
+    ``widen_pitch`` degrees on each side (uniformly over that range: the edges, where the avatar is weakest, get
+    as many views as the centre).
+
+    The growth is what a round adds: a round renders only a little beyond what the avatar has already learned,
+    so the restorer sees renders it can repair, and the next round starts from the widened avatar."""
     from ophav_core.stages.motion import euler_to_matrix
 
     index = rng.choice(len(tracking), size=count, replace=count > len(tracking))
-    yaw = rng.uniform(-max_yaw, max_yaw, count)
-    pitch = rng.uniform(-max_pitch, max_pitch, count)
-    rotation = euler_to_matrix(yaw, pitch, np.zeros(count)) @ tracking.rotation[index]
+    yaw, pitch = pose_angles(tracking)
+    lo_yaw, hi_yaw = np.percentile(yaw, 2) - widen_yaw, np.percentile(yaw, 98) + widen_yaw
+    lo_pitch, hi_pitch = np.percentile(pitch, 2) - widen_pitch, np.percentile(pitch, 98) + widen_pitch
+    extra_yaw = rng.uniform(lo_yaw, hi_yaw, count) - yaw[index]
+    extra_pitch = rng.uniform(lo_pitch, hi_pitch, count) - pitch[index]
+    rotation = euler_to_matrix(extra_yaw, extra_pitch, np.zeros(count)) @ tracking.rotation[index]
     return RenderRequest(rotation, tracking.translation[index], tracking.expression[index], tracking.K,
                          tracking.image_size)
 

@@ -81,6 +81,11 @@ def _content_digest(path: str | Path | None) -> str | None:
     return sha256_of(Path(path)) if Path(path).is_file() else str(path)
 
 
+# Bumped when what a round computes changes (2: widening views, renders checked by the tracker, refit on the coarse
+# video plus the restored views), so a run of an older method is not taken as the same computation.
+ROUND_METHOD = 2
+
+
 def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dict[str, str]:
     """Per step, a key that is equal for two steps exactly when they compute the same thing: the key of the step
     before it (so everything upstream), the step's name, and what the step itself adds. The export writes the
@@ -100,6 +105,7 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         "export": resolved.to_dict(),
     }
     for r in range(1, resolved.rounds + 1):
+        adds[f"render{r}"] = {"method": ROUND_METHOD}
         adds[f"restore{r}"] = {"restorer": stage("restorer")}
     keys, previous = {}, ""
     for name in step_names(resolved.rounds):
@@ -376,7 +382,7 @@ class Scheduler:
         if self._stop("fit"):
             return RunResult(self.root, avatar.path, self.timings, "fit")
         for r in range(1, self.resolved.rounds + 1):
-            avatar = self._round(manifest, r, avatar, tracking, portrait, portrait_tracking)
+            avatar = self._round(manifest, r, avatar, frames, masks, tracking, portrait, portrait_tracking)
             if self._stop(f"round{r}"):
                 return RunResult(self.root, avatar.path, self.timings, f"round{r}")
         final = self._step(manifest, "export", ["avatar/avatar.ckpt", "avatar/avatar.json", "preview.mp4"],
@@ -454,28 +460,42 @@ class Scheduler:
         out.parent.mkdir(parents=True, exist_ok=True)
         return self.component("field").fit(frames, masks, tracking, out, init=init)
 
-    def _round(self, manifest: Manifest, r: int, avatar: AvatarCheckpoint, tracking: Tracking, portrait: Portrait,
-               portrait_tracking: Tracking) -> AvatarCheckpoint:
+    def _round(self, manifest: Manifest, r: int, avatar: AvatarCheckpoint, frames: FrameSet, masks: MaskSet,
+               tracking: Tracking, portrait: Portrait, portrait_tracking: Tracking) -> AvatarCheckpoint:
+        """Round ``r`` of the iterative dataset update: render views a little wider than the avatar has learned,
+        keep the renders the run's own tracker still reads as the face they should show, restore them, and
+        retrain on the coarse video plus the restored views (the coarse frames keep the avatar anchored to what
+        the image2video stage saw; the restored views teach sharper detail and the wider angles)."""
         folder = f"round{r}"
         renders_rel, restored_rel, avatar_rel = f"{folder}/renders.npz", f"{folder}/restored.npz", f"{folder}/avatar.ckpt"
-        request_rel, tracking_rel = f"{folder}/request.npz", f"{folder}/tracking.npz"
+        request_rel, tracking_rel, checks_rel = f"{folder}/request.npz", f"{folder}/tracking.npz", f"{folder}/checks.json"
+        profile = self.resolved.profile
 
-        def render() -> tuple[RenderResult, Tracking]:
-            from ophav_core.pipeline.animate import jittered_views, tracking_for_request
+        def render() -> tuple[RenderResult, Tracking, np.ndarray]:
+            from ophav_core.pipeline.animate import tracking_for_request, widening_views
             from ophav_core.stages.base import hash_str
 
             rng = np.random.default_rng([self.resolved.config.seed, hash_str(f"round{r}")])
-            request = jittered_views(tracking, self.resolved.profile.restore_views, rng)
+            request = widening_views(tracking, profile.restore_views, rng, widen_yaw=r * profile.widen_yaw,
+                                     widen_pitch=r * profile.widen_pitch)
             result = self.component("field").render(avatar, request)
             views = tracking_for_request(avatar.template, request)
+            checks = check_renders(self.component("tracker"), result, views)
             request.save(self.root / request_rel)
             views.save(self.root / tracking_rel)
             result.save(self.root / renders_rel)
-            return result, views
+            write_json(self.root / checks_rel, checks)
+            return result, views, np.asarray(checks["kept"], bool)
 
-        renders, views = self._step(manifest, f"render{r}", [renders_rel, request_rel, tracking_rel], render,
-                                    lambda: (RenderResult.load(self.root / renders_rel),
-                                             Tracking.load(self.root / tracking_rel)))
+        def load_render() -> tuple[RenderResult, Tracking, np.ndarray]:
+            checks = json.loads((self.root / checks_rel).read_text())
+            return (RenderResult.load(self.root / renders_rel), Tracking.load(self.root / tracking_rel),
+                    np.asarray(checks["kept"], bool))
+
+        renders, views, kept = self._step(manifest, f"render{r}", [renders_rel, request_rel, tracking_rel, checks_rel],
+                                          render, load_render)
+        self.log(f"round {r}: {int(kept.sum())} of {len(kept)} renders still read as the face they show (the rest "
+                 f"are left out of the refit; {checks_rel})")
 
         def restore() -> FrameSet:
             from ophav_core.media import contact_sheet, pick_evenly, save_png
@@ -485,19 +505,23 @@ class Scheduler:
             if images.shape != renders.rgb.shape or images.dtype != np.uint8:
                 raise OphavError(f"restorer {self.resolved.stages['restorer'].spec.name!r} returned {images.shape} "
                                  f"{images.dtype}, expected {renders.rgb.shape} uint8")
-            restored = FrameSet(images, fps=self.resolved.profile.fps)
+            restored = FrameSet(images, fps=profile.fps)
             restored.save(self.root / restored_rel)
             index = pick_evenly(len(images), 6)
             tiles = [im for i in index for im in (renders.rgb[i], images[i])]
-            labels = [t for i in index for t in (f"render #{i}", f"restored #{i}")]
+            labels = [t for i in index for t in (f"render #{i}" + ("" if kept[i] else " (left out)"), f"restored #{i}")]
             save_png(self.root / f"{folder}/contact.png", contact_sheet(tiles, columns=4, labels=labels))
             return restored
 
         restored = self._step(manifest, f"restore{r}", [restored_rel], restore,
                               lambda: FrameSet.load(self.root / restored_rel), extras=[f"{folder}/contact.png"])
-        masks = MaskSet(renders.alpha)
-        return self._step(manifest, f"refit{r}", [avatar_rel],
-                          lambda: self._fit(restored, masks, views, avatar_rel, avatar),
+
+        def refit() -> AvatarCheckpoint:
+            data = refit_dataset(frames, masks, tracking, restored, renders, views, kept,
+                                 self.component("segmenter"))
+            return self._fit(*data, avatar_rel, avatar)
+
+        return self._step(manifest, f"refit{r}", [avatar_rel], refit,
                           lambda: self.component("field").load(self.root / avatar_rel))
 
     def _export(self, avatar: AvatarCheckpoint, reference_image: np.ndarray) -> Path:
@@ -528,6 +552,55 @@ def restore_input(renders: RenderResult, views: Tracking, portrait: Portrait, po
         vertices2d=views.project(views.vertices), vertex_depth=views.vertices[..., 2], portrait=portrait,
         portrait_vertices2d=portrait_tracking.project(portrait_tracking.vertices[0]),
         portrait_vertex_depth=portrait_tracking.vertices[0, :, 2], faces=views.faces)
+
+
+RENDER_CHECK_TOLERANCE = 0.25  # landmark error, in inter-ocular distances, above which a render is left out
+
+
+def check_renders(tracker, renders: RenderResult, views: Tracking) -> dict[str, Any]:
+    """Which renders of a round still show the face they should: the run's tracker, run on the render, must find
+    a face whose five landmarks lie within ``RENDER_CHECK_TOLERANCE`` inter-ocular distances of where the render
+    parameters put them. A render that dissolved into noise (a view beyond what the avatar learned) fails, and
+    training on it would teach the noise back."""
+    import warnings
+
+    expected = views.landmarks5()
+    ocular = np.linalg.norm(expected[:, 0] - expected[:, 1], axis=-1).clip(1e-6, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frames without a face are the point here, not a warning
+        try:
+            seen = tracker.track(FrameSet(renders.rgb, fps=1.0), reference=views, source="the round's renders")
+        except OphavError:  # no face in any render
+            seen = None
+    if seen is None:
+        error = np.full(len(views), np.inf)
+        found = np.zeros(len(views), bool)
+    else:
+        found = np.ones(len(views), bool) if seen.valid is None else seen.valid.copy()
+        error = np.linalg.norm(seen.landmarks5() - expected, axis=-1).mean(axis=1) / ocular
+        error[~found] = np.inf
+    kept = found & (error <= RENDER_CHECK_TOLERANCE)
+    return {"kept": kept.tolist(), "face_found": found.tolist(),
+            "landmark_error": [round(float(e), 4) if np.isfinite(e) else None for e in error],
+            "tolerance": RENDER_CHECK_TOLERANCE, "unit": "inter-ocular distance"}
+
+
+def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored: FrameSet, renders: RenderResult,
+                  views: Tracking, kept: np.ndarray, segmenter) -> tuple[FrameSet, MaskSet, Tracking]:
+    """The coarse video plus the kept restored renders, the renders repeated so they make up about a third of
+    the frames (a round's 200 views beside 1500 coarse frames would otherwise barely count). A render's mask is
+    its alpha cut by what the segmenter calls head in it, so a floater the avatar carries is not trained back."""
+    index = np.flatnonzero(kept)
+    if not len(index):
+        return frames, masks, tracking
+    repeat = int(np.clip(np.ceil(0.5 * len(frames) / len(index)), 1, 4))
+    index = np.tile(index, repeat)
+    picked = FrameSet(restored.frames[index], fps=frames.fps)
+    head = segmenter.segment(picked, views.subset(index)).alpha
+    alpha = np.minimum(renders.alpha[index], head)
+    return (FrameSet(np.concatenate([frames.frames, picked.frames]), fps=frames.fps),
+            MaskSet(np.concatenate([masks.alpha, alpha]).astype(np.float32)),
+            tracking.joined(views.subset(index)))
 
 
 def preview_motion(template: Tracking, tracker, frames: int, fps: float):

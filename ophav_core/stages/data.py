@@ -448,6 +448,27 @@ class Tracking(_NpzContainer):
             landmarks=pick(self.landmarks), valid=pick(self.valid), **self.topology.tracking_fields(),
         )
 
+    def joined(self, other: "Tracking") -> "Tracking":
+        """This tracking's frames followed by ``other``'s (same camera, mesh and basis; detected landmarks are
+        dropped unless both have them)."""
+        if other.faces.shape != self.faces.shape or not np.array_equal(other.faces, self.faces) \
+                or other.expression_basis.shape != self.expression_basis.shape:
+            raise InvalidData("Tracking.joined: the two trackings have different meshes or expression bases")
+        if not np.allclose(other.K, self.K) or tuple(other.image_size) != tuple(self.image_size):
+            raise InvalidData("Tracking.joined: the two trackings have different cameras")
+        both = lambda a, b: None if a is None or b is None else np.concatenate([a, b])  # noqa: E731
+        valid = None if self.valid is None and other.valid is None else np.concatenate([
+            np.ones(len(self), bool) if self.valid is None else self.valid,
+            np.ones(len(other), bool) if other.valid is None else other.valid])
+        return Tracking(
+            K=self.K, image_size=self.image_size, rotation=np.concatenate([self.rotation, other.rotation]),
+            translation=np.concatenate([self.translation, other.translation]),
+            expression=np.concatenate([self.expression, other.expression]),
+            vertices=np.concatenate([self.vertices, other.vertices]), canonical_vertices=self.canonical_vertices,
+            expression_basis=self.expression_basis, landmarks=both(self.landmarks, other.landmarks), valid=valid,
+            **self.topology.tracking_fields(),
+        )
+
     def mesh_for(self, rotation: np.ndarray, translation: np.ndarray, expression: np.ndarray) -> np.ndarray:
         """Camera-space vertices (N, V, 3) for poses (N, 3, 3), (N, 3) and expressions (N, E)."""
         local = self.canonical_vertices[None] + np.einsum("ne,evc->nvc", expression, self.expression_basis)

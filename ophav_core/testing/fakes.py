@@ -70,7 +70,9 @@ class FakeImage2Video(Image2Video):
 class FakeTracker(Tracker):
     def track(self, frames: FrameSet, *, single_image: bool = False, reference: Tracking | None = None,
               source: str = "") -> Tracking:
-        _maybe_crash("track")
+        # Tracking into another tracking's basis (a driver, a round's renders checked) is counted apart from
+        # tracking a run's own frames, so tests can tell whether the run's track step was computed.
+        _maybe_crash("track" if reference is None else "track_with_reference")
         if single_image and frames.frames.std() < 1.0:
             raise NoFaceFound(f"no face found in {source or 'the image'}")
         n = len(frames)

@@ -39,6 +39,7 @@ class _Loaded:
     background: str
     samples_per_ray: int
     decode: Any = None  # torch.compile'd field.decode (option compile on CUDA)
+    expression_range: Any = None  # (2, E) on the device: the expressions the colour network was trained on
 
 
 class InstaField(AvatarField):
@@ -120,8 +121,15 @@ class InstaField(AvatarField):
             "samples_dropped": trainer.samples_dropped,
             "continued_from": str(init.path) if init is not None else None,
         }
-        template = _template(tracking)
-        write_checkpoint(Path(out), trainer, template, info)
+        # A continued training keeps the avatar's own template (its camera and frontal frame), whatever frames the
+        # round trained on: renders of it then frame the head as the first fit did.
+        template = init.template if init is not None else _template(tracking)
+        # The expressions the colour network has seen: a continued training keeps the first fit's range (the
+        # coarse video's), since the rounds' renders carry the same expressions.
+        trained_range = (read_checkpoint(init.path).get("expression_range") if init is not None else None)
+        if trained_range is None:
+            trained_range = expression_range(tracking.expression)
+        write_checkpoint(Path(out), trainer, template, info, trained_range)
         return AvatarCheckpoint(path=Path(out), template=template, info=info)
 
     # ------------------------------------------------------------------ load
@@ -158,8 +166,10 @@ class InstaField(AvatarField):
             import torch
 
             decode = torch.compile(field.decode, dynamic=True)
+        trained_range = ckpt.get("expression_range")
         loaded = _Loaded(field, deformer, geometry, occupancy, tracking_from_tensors(ckpt["template"]),
-                         str(trained.get("background", "white")), int(trained["samples_per_ray"]), decode)
+                         str(trained.get("background", "white")), int(trained["samples_per_ray"]), decode,
+                         None if trained_range is None else trained_range.to(device))
         self._cache = {key: loaded}  # one avatar at a time: a new checkpoint frees the previous one
         return loaded
 
@@ -189,17 +199,41 @@ class InstaField(AvatarField):
         canonical = torch.as_tensor(template.canonical_vertices, device=device)
         basis = torch.as_tensor(template.expression_basis, device=device)
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
+        beyond = _beyond_trained(request.expression, model.expression_range)
+        if beyond:
+            import warnings
+
+            warnings.warn(beyond, stacklevel=2)
         for i in range(n):
             expression = f32(request.expression[i:i + 1])
             mesh = canonical[None] + torch.einsum("ne,evc->nvc", expression, basis)
+            # The mesh (so the geometry) follows the whole expression; the colour network is asked only within
+            # the range it was trained on: beyond it a small MLP extrapolates, and a face turns red.
+            colour_expression = expression if model.expression_range is None else torch.maximum(
+                torch.minimum(expression, model.expression_range[1]), model.expression_range[0])
             K_inv = f32(np.linalg.inv(request.K[i]))[None]
             out = render_image(model.field, model.deformer, model.geometry, model.occupancy,
-                               FrameData(mesh, expression), K_inv, f32(request.rotation[i:i + 1]),
+                               FrameData(mesh, colour_expression), K_inv, f32(request.rotation[i:i + 1]),
                                f32(request.translation[i:i + 1]), (width, height), options, background, amp,
                                model.decode)
             rgb[i] = (out[0] * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
             alpha[i], depth[i] = out[1].cpu().numpy(), out[2].cpu().numpy()
         return RenderResult(rgb=rgb, alpha=alpha, depth=depth)
+
+
+def _beyond_trained(expression: np.ndarray, trained_range: Any) -> str:
+    """A one-line note when requested expressions leave the trained range ('' otherwise)."""
+    if trained_range is None or not len(expression):
+        return ""
+    lo, hi = (trained_range.detach().cpu().numpy().astype(np.float64))
+    span = np.maximum(hi - lo, 1e-6)
+    excess = np.maximum(expression - hi, lo - expression) / span  # in spans of the trained range; > 0 outside
+    frames = excess.max(axis=1) > 0.05
+    if not frames.any():
+        return ""
+    return (f"{int(frames.sum())} of {len(expression)} frames ask for expressions beyond what the avatar was trained "
+            f"on (up to {float(excess.max()):.1f}x the trained range past its edge); the mesh follows them, the "
+            f"colour is taken at the nearest trained expression")
 
 
 # ---------------------------------------------------------------------------------------------- training setup
@@ -262,7 +296,21 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
 # ---------------------------------------------------------------------------------------------- checkpoint
 
 
-def write_checkpoint(out: Path, trainer: Any, template: Tracking, info: dict[str, Any]) -> None:
+EXPRESSION_PERCENTILES = (1.0, 99.0)
+
+
+def expression_range(expression: np.ndarray) -> Any:
+    """(2, E) float32 tensor: the 1st and 99th percentile of each expression coefficient over the training frames,
+    widened by a tenth of its span (what the colour network may be asked without extrapolating)."""
+    import torch
+
+    lo, hi = np.percentile(expression, EXPRESSION_PERCENTILES, axis=0)
+    margin = 0.1 * (hi - lo)
+    return torch.from_numpy(np.stack([lo - margin, hi + margin]).astype(np.float32))
+
+
+def write_checkpoint(out: Path, trainer: Any, template: Tracking, info: dict[str, Any],
+                     trained_range: Any = None) -> None:
     """One file, written atomically: EMA weights, architecture, head space, candidate and occupancy grids,
     the template tracking and the info."""
     import torch
@@ -274,6 +322,8 @@ def write_checkpoint(out: Path, trainer: Any, template: Tracking, info: dict[str
         "deformer": trainer.deformer.state(), "occupancy": trainer.occupancy.state(),
         "template": tracking_to_tensors(template), "info": info,
     }
+    if trained_range is not None:
+        payload["expression_range"] = trained_range
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(out, buffer.getvalue())

@@ -47,4 +47,8 @@ class MediapipeSegmenterOptions(BaseModel):
         "how far beside the face the head region reaches, in face widths (for ears and hair)"))
     neck_margin: float = Field(0.12, ge=0.0, le=1.0, description=(
         "soft band below the jaw line, in face heights, over which alpha falls from 1 to 0 (the neck is cut)"))
+    side_drop: float = Field(0.15, ge=0.0, le=1.0, description=(
+        "how far below the ends of the jaw line the head region reaches beside the jaw (ear lobes, hair beside the "
+        "face), in face heights; more lets shoulders and collars in, which the avatar learns as a dark shape under "
+        "the jaw"))
     feather: float = Field(0.03, ge=0.0, le=0.5, description="softness of the head region's other edges, in face widths")

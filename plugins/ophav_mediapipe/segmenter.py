@@ -148,16 +148,17 @@ def head_region(points: np.ndarray, size: tuple[int, int], options: MediapipeSeg
     sigma = options.feather * face_w
     if sigma > 0.3:
         region = cv2.GaussianBlur(region, (0, 0), sigma)
-    return region * neck_cut(points[marks.lower_jaw], size, right, down, face_w, face_h, options.neck_margin)
+    return region * neck_cut(points[marks.lower_jaw], size, right, down, face_w, face_h, options.neck_margin,
+                             options.side_drop)
 
 
 def neck_cut(jaw: np.ndarray, size: tuple[int, int], right: np.ndarray, down: np.ndarray, face_w: float,
-             face_h: float, neck_margin: float) -> np.ndarray:
+             face_h: float, neck_margin: float, side_drop: float = 1.0) -> np.ndarray:
     """1 above the jaw line, falling smoothly to 0 over ``neck_margin`` face heights below it.
 
-    The cut follows the lower jaw (below the mouth, between the jaw angles) and drops straight down beside
-    them: the upper jaw rises steeply to the ears, and cutting under it would remove the cheeks' sides, the
-    ears and the hair beside the face."""
+    The cut follows the lower jaw (below the mouth, between the jaw angles) and, beside them, lies ``side_drop``
+    face heights below the jaw's ends: the upper jaw rises steeply to the ears, and cutting under it would remove
+    the cheeks' sides, the ears and the hair beside the face; lower, the shoulders and collars come in."""
     width, height = size
     ja, jb = jaw @ right, jaw @ down
     order = np.argsort(ja)
@@ -165,7 +166,7 @@ def neck_cut(jaw: np.ndarray, size: tuple[int, int], right: np.ndarray, down: np
     chin_b = jb.max()
     ramp = 0.05 * face_w
     ja = np.concatenate([[ja[0] - ramp], ja, [ja[-1] + ramp]])
-    jb = np.concatenate([[chin_b + face_h], jb, [chin_b + face_h]])
+    jb = np.concatenate([[jb[0] + side_drop * face_h], jb, [jb[-1] + side_drop * face_h]])
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     pa = xs * right[0] + ys * right[1]
     pb = xs * down[0] + ys * down[1]
@@ -187,6 +188,26 @@ def hull_region(points: np.ndarray, size: tuple[int, int], feather: float) -> np
     return cv2.GaussianBlur(region, (0, 0), sigma) if sigma > 0.3 else region
 
 
+def keep_the_head(alpha: np.ndarray, region: np.ndarray, level: float = 0.25) -> np.ndarray:
+    """``alpha`` with every part cut away that is not connected to the face: the component of ``alpha > level``
+    that overlaps the face's core (where the head region is 1) most, grown by two pixels so its soft edge stays.
+    A shoulder or collar reaching into the head region beside the jaw is a separate blob; kept, the avatar
+    learns it as a dark floater under the jaw."""
+    import cv2
+
+    count, labels = cv2.connectedComponents((alpha > level).astype(np.uint8), connectivity=8)
+    if count <= 2:  # background and at most one blob: nothing to cut
+        return alpha
+    core = region > 0.99
+    overlap = np.bincount(labels[core], minlength=count)
+    overlap[0] = 0
+    if not overlap.any():
+        return alpha
+    head = (labels == int(np.argmax(overlap))).astype(np.uint8)
+    head = cv2.dilate(head, np.ones((5, 5), np.uint8))
+    return alpha * head
+
+
 class MediapipeSegmenter(Segmenter):
     Options = MediapipeSegmenterOptions
     options: MediapipeSegmenterOptions
@@ -198,6 +219,8 @@ class MediapipeSegmenter(Segmenter):
             mattes = ema_zero_phase(mattes, o.temporal)
         regions = self._regions(frames, tracking)
         alpha = mattes if regions is None else mattes * regions
+        if regions is not None:
+            alpha = np.stack([keep_the_head(a, r) for a, r in zip(alpha, regions)])
         return MaskSet(np.clip(alpha, 0.0, 1.0).astype(np.float32))
 
     def _regions(self, frames: FrameSet, tracking: Tracking | None) -> np.ndarray | None:
