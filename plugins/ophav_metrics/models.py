@@ -28,4 +28,10 @@ MMOD = PackagedModel(
     license="public domain (CC0; Davis King), trained on dlib's face detection dataset", needed_by="faces.analyse("
     "detector='mmod')", source=SOURCE, description="dlib's MMOD CNN face detector (0.7 MB); the metrics use HOG")
 
-PACKAGED_MODELS = (DESCRIPTOR, LANDMARKS5, LANDMARKS68, MMOD)
+HOG = PackagedModel(
+    name="dlib-hog-face-detector", package="dlib-bin", path="dlib (get_frontal_face_detector, built into the library)",
+    license="Boost Software License 1.0 (dlib)", needed_by="identity, detect_rate, akd68, colour_drift, sharpness",
+    source="https://github.com/davisking/dlib", description="dlib's frontal face detector: HOG features and a "
+    "linear SVM, compiled into dlib")
+
+PACKAGED_MODELS = (DESCRIPTOR, LANDMARKS5, LANDMARKS68, MMOD, HOG)

@@ -3,7 +3,7 @@ metric package uses. Light: the metric modules load only when a metric runs."""
 from ophav_core import hookimpl
 from ophav_core.study.metrics import Column, MetricSpec
 
-from ophav_metrics.models import DESCRIPTOR, LANDMARKS5, LANDMARKS68
+from ophav_metrics.models import DESCRIPTOR, HOG, LANDMARKS5, LANDMARKS68
 
 AKD_WIDTH = 256
 DLIB = ("dlib", "face_recognition_models")
@@ -57,7 +57,7 @@ OFFLINE = [
     MetricSpec(
         name="identity", header="ID dist↓", higher_is_better=False, decimals=3, order=110,
         compute="ophav_metrics.offline:compute_identity", needs=("portrait",), requires=DLIB, extra=INSTALL,
-        models=(DESCRIPTOR, LANDMARKS5),
+        models=(HOG, DESCRIPTOR, LANDMARKS5),
         summary="dlib face-descriptor distance to the portrait",
         companions=(Column("identity_noface", "no face↓", False, 3,
                            "share of renders in which dlib's HOG detector finds no face (identity is the mean over "
@@ -68,21 +68,21 @@ OFFLINE = [
                    "'no face'"),
     MetricSpec(
         name="detect_rate", header="detect↑", higher_is_better=True, decimals=3, order=120,
-        compute="ophav_metrics.offline:compute_detect_rate", requires=("dlib", "cv2"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_detect_rate", requires=("dlib", "cv2"), extra=INSTALL, models=(HOG,),
         summary="share of renders where dlib's HOG detector finds exactly one face",
         definition="share of renders in which dlib's frontal HOG detector (an independent detector, not the "
                    "tracker) finds exactly one face; images with a shorter side below 400 pixels are upscaled "
                    "(bicubic) to 400 first, as dlib's detector needs faces of about 80 pixels"),
     MetricSpec(
         name="akd68", header="AKD68↓", higher_is_better=False, decimals=2, order=130,
-        compute="ophav_metrics.offline:compute_akd68", models=(LANDMARKS68,), needs=("frames",), requires=(*DLIB, "cv2"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_akd68", models=(HOG, LANDMARKS68), needs=("frames",), requires=(*DLIB, "cv2"), extra=INSTALL,
         summary="average keypoint distance with dlib's 68 landmarks (FOMM's AKD)",
         definition="mean distance of dlib's 68 landmarks (HOG detection, 68-point predictor) between each render "
                    "and its frame, both scaled to 256 pixels wide (FOMM/OTAvatar's AKD); frames where either "
                    "side has no face are left out"),
     MetricSpec(
         name="colour_drift", header="ΔE neutral↓", higher_is_better=False, decimals=2, order=140,
-        compute="ophav_metrics.offline:compute_colour_drift", models=(LANDMARKS68,), requires=(*DLIB, "cv2", "skimage"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_colour_drift", models=(HOG, LANDMARKS68), requires=(*DLIB, "cv2", "skimage"), extra=INSTALL,
         summary="cheek colour (CIE Lab) against the neutral render and the portrait, CIEDE2000",
         companions=(Column("colour_drift_portrait", "ΔE portrait↓", False, 2,
                            "the same against the portrait's cheeks"),),
@@ -90,7 +90,7 @@ OFFLINE = [
                    "(from dlib's 68 landmarks) of each render and of the avatar's own neutral frontal render"),
     MetricSpec(
         name="sharpness", header="sharp↑", higher_is_better=True, decimals=3, order=150,
-        compute="ophav_metrics.offline:compute_sharpness", models=(LANDMARKS68,), requires=(*DLIB, "cv2"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_sharpness", models=(HOG, LANDMARKS68), requires=(*DLIB, "cv2"), extra=INSTALL,
         summary="face sharpness as a ratio to the reference (ground truth, else the portrait)",
         companions=(Column("sharpness_hf", "HF↑", True, 3,
                            "high-frequency energy (mean square of grey minus its Gaussian blur, sigma 2 px at "

@@ -60,3 +60,18 @@ def test_installed_entry_point_is_found():
 
     host = build_host()
     assert host.registry.get("restorer", "unsharp").package == "ophav-plugin-example"
+
+
+def test_metric_contract_and_value():
+    from ophav_core.study.metrics import MetricInputs
+    from ophav_plugin_example import plugin
+    from ophav_plugin_example.metric import head_gradient
+
+    specs = []
+    plugin.register_metric(specs.append)
+    values = contracts.check_metric(specs[0])
+    assert np.isfinite(values["head_gradient"]).all() and (values["head_gradient"] > 0).all()
+    stripes = np.zeros((1, 8, 8, 3), np.uint8)
+    stripes[:, :, ::2] = 100  # |dI/dx| = 100 everywhere, dI/dy = 0
+    alpha = np.ones((1, 8, 8), np.float32)
+    assert head_gradient(MetricInputs("images", stripes, given={"alpha": alpha}))[0] == 100.0
