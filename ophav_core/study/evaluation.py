@@ -144,9 +144,9 @@ def format_value(column: Column, value: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], title: str = "") -> str:
-    """Rows (``EvalResult.to_json()`` dicts) as the paper's Table 1: one row per method or avatar, one column per
-    computed number (the paper's PSNR↑ SSIM↑ LPIPS↓ FID↓ CSIM↑ AED↓ APD↓ AKD↓ first); a missing value reads n/a
-    with its reason below."""
+    """Rows (``EvalResult.to_json()`` dicts) as the paper's Table 1: one row per method or avatar, one column
+    per computed number (the paper's PSNR↑ SSIM↑ LPIPS↓ FID↓ CSIM↑ AED↓ APD↓ AKD↓ first); a missing value reads
+    n/a with its reason below."""
     protocols = sorted({row["protocol"] for row in rows})
     lines = [f"**{title or ' / '.join(PROTOCOL_TITLES.get(p, p) for p in protocols)}**", ""]
     with_protocol = len(protocols) > 1

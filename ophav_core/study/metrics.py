@@ -326,5 +326,6 @@ def resolve_metrics(names: str | Sequence[str] | None, available: Mapping[str, M
     return [s for s in ordered if s.name in items]
 
 
-__all__ = ["INPUTS", "Column", "PackagedModel", "MetricSpec", "MetricInputs", "MetricInputMissing", "Collected", "collect",
+__all__ = ["INPUTS", "Column", "PackagedModel", "MetricSpec", "MetricInputs", "MetricInputMissing", "Collected",
+           "collect",
            "compute_metric", "resolve_metrics"]

@@ -14,11 +14,13 @@ DESCRIPTOR = PackagedModel(
     "VGG Face and web images", needed_by="identity", source=SOURCE,
     description="dlib's ResNet-29 face descriptor, 128-d, 99.38% on LFW (22.5 MB)")
 LANDMARKS5 = PackagedModel(
-    name="dlib-landmarks-5", package=PACKAGE, path="face_recognition_models/models/shape_predictor_5_face_landmarks.dat",
+    name="dlib-landmarks-5", package=PACKAGE,
+    path="face_recognition_models/models/shape_predictor_5_face_landmarks.dat",
     license="public domain (CC0; Davis King), trained on dlib's own 5-point dataset", needed_by="identity",
     source=SOURCE, description="5-point shape predictor that aligns faces for the descriptor (9.2 MB)")
 LANDMARKS68 = PackagedModel(
-    name="dlib-landmarks-68", package=PACKAGE, path="face_recognition_models/models/shape_predictor_68_face_landmarks.dat",
+    name="dlib-landmarks-68", package=PACKAGE,
+    path="face_recognition_models/models/shape_predictor_68_face_landmarks.dat",
     license="released as public domain by Davis King, but trained on iBUG 300-W, whose licence excludes commercial "
     "use; the dataset's authors ask that it not be used in commercial products", restricted=True,
     needed_by="akd68, colour_drift, sharpness", source=SOURCE,

