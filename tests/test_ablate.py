@@ -126,6 +126,7 @@ def test_local_study_records_failures_resumes_and_reports(env, monkeypatch):
     text = (env / "study/results.md").read_text()
     assert "## Mean over portraits" in text and "| fake(gain=20) | 2 | 2 |" in text
     assert "floaters↓" in text and "detect↑" in text
+    assert "## Not computed in any cell" in text and "- ID dist↓: NoFaceFound: dlib finds no face" in text
     assert (env / "study/plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     fakes.CALLS.clear()

@@ -312,7 +312,7 @@ def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None, 
     results = [evaluation.self_reenactment(
         field_c, tracker, avatar, frames, masks, tracking, every=settings["every"], portrait=portrait,
         metrics=settings["metrics"], device=scheduler.device, label=cell.id, max_frames=settings.get("max_frames"))]
-    metrics = dict(results[0].metrics)
+    metrics, missing = dict(results[0].metrics), dict(results[0].missing)
     if settings.get("driver"):
         video = read_video(settings["driver"], max_frames=settings.get("max_frames"))
         cross = evaluation.cross_reenactment(field_c, tracker, avatar, video, portrait,
@@ -320,8 +320,9 @@ def _run_and_evaluate(cell: Cell, cell_dir: Path, registry, device: str | None, 
                                              device=scheduler.device, label=cell.id)
         results.append(cross)
         metrics.update({f"cross_{k}": v for k, v in cross.metrics.items()})
+        missing.update({f"cross_{k}": v for k, v in cross.missing.items()})
     evaluation.write_outputs(cell_dir / "eval", results, {"cell": cell.to_json()})
-    return {"metrics": metrics, "rounds": resolved.rounds, "avatar": str(run.avatar),
+    return {"metrics": metrics, "missing": missing, "rounds": resolved.rounds, "avatar": str(run.avatar),
             "components": {s: r.spec.name for s, r in resolved.stages.items()},
             "reused": {step: info["from"] for step, info in scheduler.reused.items()},
             "reused_seconds": round(sum(info["seconds"] for info in scheduler.reused.values()), 3)}
@@ -604,6 +605,7 @@ def result_rows(study: Study) -> list[dict[str, Any]]:
         for name, value in (result.get("metrics") or {}).items():
             row[name] = value
         row["_metric_names"] = list(result.get("metrics") or {})
+        row["_missing"] = result.get("missing") or {}
         row["seconds"] = result.get("seconds")
         row["reused_seconds"] = result.get("reused_seconds")
         row["error"] = result.get("error", "")
@@ -697,6 +699,12 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         values = [_fmt(m, row.get(m)) for m in metrics]
         lines.append("| " + " | ".join([row["cell"], row["status"], row["portrait"],
                                           *(str(row.get(a)) for a in axes), *values]) + " |")
+    never = [m for m in dict.fromkeys(k for r in done for k in r.get("_metric_names", ())) if m not in metrics]
+    if never:  # computed in no cell: say why instead of dropping the column silently
+        lines += ["", "## Not computed in any cell", ""]
+        for name in never:
+            reason = next((r["_missing"][name] for r in done if name in r.get("_missing", {})), "no value")
+            lines.append(f"- {_header(name)}: {' '.join(str(reason).split())[:300]}")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         lines += ["", "## Failed cells", ""] + [f"- `{r['cell']}`: {' '.join(str(r['error']).split())[:400]}"
