@@ -48,7 +48,8 @@ def view_grid() -> tuple[np.ndarray, np.ndarray]:
     return yaw, pitch
 
 
-def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, device: str) -> dict[str, np.ndarray]:
+def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, device: str,
+                 size: int | None = None) -> dict[str, np.ndarray]:
     """Every view of the suite for one avatar: {suite/rgb, suite/alpha} arrays (uint8)."""
     from ophav_core import api
     from ophav_core.pipeline import animate
@@ -69,18 +70,19 @@ def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, devi
         out[f"{name}/alpha"] = np.rint(result.alpha * 255).astype(np.uint8)
         out[f"{name}/seconds"] = np.float32(time.perf_counter() - started)
 
+    resolution = (size, size) if size else None
     yaw, pitch = view_grid()
     zeros = np.zeros_like(yaw)
-    keep("views", animate.requests_from_motion(template, Motion(25.0, yaw, pitch, zeros, {})))
+    keep("views", animate.requests_from_motion(template, Motion(25.0, yaw, pitch, zeros, {}), resolution=resolution))
     for name, video in drivers.items():
         driven = tracker.track(video, reference=template, source=name)
-        keep(name, animate.requests_from_driver(template, driven))
+        keep(name, animate.requests_from_driver(template, driven, resolution=resolution))
     script = load_motion_script(ROOT / "benchmarks" / "extreme_expressions.yaml")
     try:
         expressions = tracker.expressions_for(script, template) * EXTREME_SCALE
     except NotImplementedError:
         expressions = None
-    keep("extreme", animate.requests_from_motion(template, script, expressions))
+    keep("extreme", animate.requests_from_motion(template, script, expressions, resolution=resolution))
     return out
 
 
@@ -106,9 +108,9 @@ def cmd_render(args: argparse.Namespace) -> None:
         for checks in sorted(run_dir.glob("round*/checks.json")):
             kept = json.loads(checks.read_text())["kept"]
             timings[name][f"{checks.parent.name}_renders_kept"] = f"{sum(kept)}/{len(kept)}"
-        if size is None:  # the avatar's own resolution; the drivers are read at it once
-            size = int(api.avatar_description(run_dir / "avatar" / "avatar.ckpt").get("info", {})
-                       .get("image_size", [128])[0])
+        if size is None:  # --size, else the avatar's own resolution; the drivers are read at it once
+            size = args.size or int(api.avatar_description(run_dir / "avatar" / "avatar.ckpt").get("info", {})
+                                    .get("image_size", [128])[0])
             for video in ("talk_78f.mp4", "nod_175f.mp4"):
                 frames = read_video(_find(video, folders), size=size)
                 keep = np.arange(0, len(frames), DRIVER_STRIDE)
@@ -116,7 +118,7 @@ def cmd_render(args: argparse.Namespace) -> None:
             np.savez_compressed(out / "drivers.npz", **{k: v.frames for k, v in drivers.items()})
         arrays = {}
         for stage, rel in (("fit", "fit/avatar.ckpt"), ("final", "avatar/avatar.ckpt")):
-            suite = render_suite(run_dir / rel, drivers, Path(args.work) / ".render", args.device)
+            suite = render_suite(run_dir / rel, drivers, Path(args.work) / ".render", args.device, size)
             arrays.update({f"{stage}/{k}": v for k, v in suite.items()})
         arrays["yaw"], arrays["pitch"] = view_grid()
         np.savez_compressed(out / f"fid_{args.label}_{name}.npz", **arrays)
@@ -136,17 +138,157 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--label", required=True, help="before / after / ...: names the runs and output files")
     r.add_argument("--set", action="append", default=[], help="KEY=VALUE passed to ophav run")
+    r.add_argument("--size", type=int, default=None, help="render resolution (default: the avatar's)")
     r.set_defaults(func=cmd_render)
     s = sub.add_parser("score", help="score rendered suites and write the table and sheets")
     s.add_argument("files", nargs="+")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_score)
+    t = sub.add_parser("sheet", help="before/after sheets (yaw -60..60, then talk and extreme frames)")
+    t.add_argument("files", nargs="+")
+    t.add_argument("--out", required=True)
+    t.add_argument("--stage", default="final", choices=("fit", "final"))
+    t.set_defaults(func=cmd_sheet)
     args = parser.parse_args(argv)
     args.func(args)
 
 
+MOUTH_TOP, MOUTH_BOTTOM, JAW_LEFT, JAW_RIGHT = 62, 66, 0, 16  # dlib 68-point indices (inner lips, jaw ends)
+
+
+def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
+    """Inner-lip gap over face width per image (NaN where no face), from dlib's 68 landmarks."""
+    gap = np.linalg.norm(landmarks[:, MOUTH_TOP] - landmarks[:, MOUTH_BOTTOM], axis=-1)
+    width = np.linalg.norm(landmarks[:, JAW_LEFT] - landmarks[:, JAW_RIGHT], axis=-1)
+    return gap / width
+
+
+def detached_alpha(alpha: np.ndarray, level: float = 0.05) -> np.ndarray:
+    """Per image: share of the image with alpha > ``level`` that is not connected to the largest opaque blob
+    (the head), grown by 3 pixels. A stand-in for the floaters metric where the tracked mesh is not at hand."""
+    import cv2
+
+    out = []
+    for a in np.asarray(alpha, np.float32) / 255.0:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats((a > 0.5).astype(np.uint8), connectivity=8)
+        if count <= 1:
+            out.append(float((a > level).mean()))
+            continue
+        head = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+        head = cv2.dilate(head, np.ones((7, 7), np.uint8)).astype(bool)
+        out.append(float(((a > level) & ~head).mean()))
+    return np.array(out)
+
+
+def _portrait_image(name: str) -> np.ndarray:
+    from ophav_core.media import read_image
+
+    for folder in (SHARED / "portraits", ROOT / "examples"):
+        for path in sorted(folder.glob(f"{name}.*")):
+            return read_image(path).image
+    raise SystemExit(f"portrait {name} not found")
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def score_suite(data, stage: str, portrait: np.ndarray, drivers: dict[str, np.ndarray]) -> dict[str, float]:
+    """The fidelity figures of one avatar's suite (see the module docstring)."""
+    from ophav_metrics import faces
+
+    yaw, pitch = data["yaw"], data["pitch"]
+    views = data[f"{stage}/views/rgb"]
+    neutral = views[int(np.flatnonzero((yaw == 0) & (pitch == 0))[0])]
+    scored = faces.score(views, portrait, neutral=neutral)
+    row: dict[str, float] = {}
+    flat = pitch == 0
+    for band in (30, 45, 60):
+        inside = flat & (np.abs(yaw) <= band)
+        row[f"detect_{band}"] = float(scored["detected_once"][inside].mean())
+    inside = flat & (np.abs(yaw) <= 45)
+    ident = scored["identity"][inside]
+    row["identity_45_mean"] = _nanmean(ident)
+    row["identity_45_max"] = float(np.nanmax(ident)) if np.isfinite(ident).any() else float("nan")
+    row["detect_pitch25"] = float(scored["detected_once"][~flat].mean())
+    row["sharpness_frontal"] = _nanmean(scored["sharpness"][flat & (np.abs(yaw) <= 15)])
+    row["detached_alpha_max"] = float(detached_alpha(data[f"{stage}/views/alpha"]).max())
+    drift = []
+    for name in ("talk", "nod", "extreme"):
+        drift.append(faces.colour_drift(data[f"{stage}/{name}/rgb"], neutral))
+    drift = np.concatenate(drift)
+    found = drift[np.isfinite(drift)]
+    row["colour_drift_p90"] = float(np.percentile(found, 90)) if len(found) else float("nan")
+    row["colour_drift_max"] = float(found.max()) if len(found) else float("nan")
+    row["colour_drift_unmeasured"] = float(np.mean(~np.isfinite(drift)))
+    for name, frames in drivers.items():
+        ours = mouth_opening(faces.landmarks68(data[f"{stage}/{name}/rgb"]))
+        theirs = mouth_opening(faces.landmarks68(frames))
+        both = np.isfinite(ours) & np.isfinite(theirs)
+        row[f"mouth_corr_{name}"] = float(np.corrcoef(ours[both], theirs[both])[0, 1]) if both.sum() > 3 else float("nan")
+        row[f"identity_{name}"] = _nanmean(faces.identity_distance(data[f"{stage}/{name}/rgb"], portrait))
+    return row
+
+
+COLUMNS = [("detect_30", "detect ±30°"), ("detect_45", "±45°"), ("detect_60", "±60°"),
+           ("detect_pitch25", "pitch ±25°"), ("identity_45_mean", "identity ±45° mean"),
+           ("identity_45_max", "max"), ("identity_talk", "identity talk"), ("colour_drift_p90", "ΔE p90"),
+           ("colour_drift_max", "ΔE max"), ("mouth_corr_talk", "mouth r talk"), ("mouth_corr_nod", "mouth r nod"),
+           ("sharpness_frontal", "sharpness vs portrait"), ("detached_alpha_max", "detached alpha max")]
+
+
 def cmd_score(args: argparse.Namespace) -> None:
-    raise SystemExit("score: see below (needs the offline metrics)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for file in args.files:
+        path = Path(file)
+        label, name = path.stem.split("_", 2)[1:]
+        drivers_file = path.parent / "drivers.npz"
+        drivers = dict(np.load(drivers_file)) if drivers_file.is_file() else {}
+        data = np.load(path)
+        portrait = _portrait_image(name)
+        for stage in ("fit", "final"):
+            row = {"portrait": name, "label": label, "stage": stage, **score_suite(data, stage, portrait, drivers)}
+            rows.append(row)
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    (out / "fidelity_scores.json").write_text(json.dumps(rows, indent=1))
+    header = "| portrait | run | avatar | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [header, "|" + "---|" * 3 + "---:|" * len(COLUMNS)]
+    for row in rows:
+        cells = [f"{row[k]:.2f}" if np.isfinite(row[k]) else "n/a" for k, _ in COLUMNS]
+        lines.append(f"| {row['portrait']} | {row['label']} | {row['stage']} | " + " | ".join(cells) + " |")
+    (out / "fidelity_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def cmd_sheet(args: argparse.Namespace) -> None:
+    """Before/after sheets at the same views: per portrait, the yaw sweep of each labelled run's final avatar,
+    then a few frames of each driven suite."""
+    import cv2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [Path(f) for f in args.files]
+    names = sorted({f.stem.split("_", 2)[2] for f in files})
+    for name in names:
+        rows = []
+        for f in files:
+            if f.stem.split("_", 2)[2] != name:
+                continue
+            data = np.load(f)
+            label = f.stem.split("_", 2)[1]
+            views = data[f"{args.stage}/views/rgb"][: len(YAWS)]
+            driven = [data[f"{args.stage}/{suite}/rgb"][np.linspace(0, len(data[f"{args.stage}/{suite}/rgb"]) - 1,
+                                                                      3).astype(int)] for suite in ("talk", "extreme")]
+            row = np.concatenate(list(views) + [im for group in driven for im in group], axis=1).copy()
+            cv2.putText(row, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 0, 0), 1, cv2.LINE_AA)
+            rows.append(row)
+        sheet = np.concatenate(rows, axis=0)
+        target = out / f"fidelity_{name}_{args.stage}.jpg"
+        cv2.imwrite(str(target), sheet[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
+        print(f"wrote {target}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -681,3 +682,33 @@ def test_training_learns_the_synthetic_head(tmp_path, head):
     assert psnr1 > psnr0 + 5.0, (psnr0, psnr1)
     assert alpha1 < 0.6 * alpha0, (alpha0, alpha1)
     assert trained.info["psnr"] > 15 and trained.info["occupied_fraction"] < 1.0
+
+
+def test_colour_is_asked_only_within_the_trained_expressions(tmp_path, head):
+    """An expression beyond the trained range moves the mesh, but the colour network sees the nearest trained
+    expression: the render equals one whose colour input was clamped by hand, and a warning says so."""
+    from ophav_insta.field import read_checkpoint
+
+    tracking, frames, masks = head
+    field = _field()
+    ckpt = field.fit(frames, masks, tracking, tmp_path / "a.ckpt", iterations=4)
+    trained = read_checkpoint(ckpt.path)["expression_range"].numpy()
+    lo, hi = np.percentile(tracking.expression, [1, 99], axis=0)
+    np.testing.assert_allclose(trained, [lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo)], rtol=1e-5, atol=1e-6)
+    far = RenderRequest.from_tracking(tracking, np.array([2]))
+    far.expression = (trained[1] + 3.0 * (trained[1] - trained[0]))[None].astype(np.float32)
+    with pytest.warns(UserWarning, match="beyond what the avatar was trained on"):
+        out = field.render(ckpt, far)
+    within = RenderRequest.from_tracking(tracking, np.array([2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        field.render(ckpt, within)  # no warning inside the range
+    # The same render with the colour range widened to cover the request differs: the clamp is what held it.
+    model = field._loaded(ckpt.path)
+    saved = model.expression_range
+    model.expression_range = torch.stack([saved[0] - 100, saved[1] + 100])
+    try:
+        unclamped = field.render(ckpt, far)
+    finally:
+        model.expression_range = saved
+    assert not np.array_equal(out.rgb, unclamped.rgb)
