@@ -25,6 +25,19 @@ def _resolve(ref: Any) -> Any:
     return obj
 
 
+def missing_modules(modules) -> list[str]:
+    """The import names among ``modules`` that cannot be found (checked without importing them)."""
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
 @dataclass
 class ComponentSpec:
     """One component a plugin offers.
@@ -65,15 +78,7 @@ class ComponentSpec:
         return _resolve(self.factory)
 
     def missing_requirements(self) -> list[str]:
-        missing = []
-        for module in self.requires:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                missing.append(module)
-        return missing
+        return missing_modules(self.requires)
 
     def create(self, options: BaseModel | dict | None, context):
         missing = self.missing_requirements()

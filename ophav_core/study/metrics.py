@@ -24,7 +24,6 @@ This module imports nothing heavy; the core defines no network: metrics live in 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ophav_core.errors import InvalidData, NoFaceFound, OphavError, UsageError, WeightsMissing
+from ophav_core.registry import _resolve, missing_modules
 
 #: What a protocol can hand a metric (``MetricInputs.get(name)``).
 INPUTS: dict[str, str] = {
@@ -94,12 +94,6 @@ class PackagedModel:
     restricted: bool = False
     source: str = ""
     description: str = ""
-
-
-def _resolve(ref: Any) -> Any:
-    from ophav_core.registry import _resolve as resolve
-
-    return resolve(ref)
 
 
 @dataclass
@@ -164,15 +158,7 @@ class MetricSpec:
         return _resolve(self.compute)
 
     def missing_requirements(self) -> list[str]:
-        missing = []
-        for module in self.requires:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                missing.append(module)
-        return missing
+        return missing_modules(self.requires)
 
     def install_hint(self) -> str:
         return f"pip install 'ophav[{self.extra}]'" if self.extra else "install it"
