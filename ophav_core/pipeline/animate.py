@@ -87,5 +87,5 @@ def tracking_for_request(template: Tracking, request: RenderRequest) -> Tracking
     vertices = template.mesh_for(request.rotation, request.translation, request.expression)
     return Tracking(K=K, image_size=request.resolution, rotation=request.rotation, translation=request.translation,
                     expression=request.expression, vertices=vertices, canonical_vertices=template.canonical_vertices,
-                    faces=template.faces, expression_basis=template.expression_basis,
-                    valid=np.ones(len(request), bool), semantic=dict(template.semantic), mesh_type=template.mesh_type)
+                    expression_basis=template.expression_basis, valid=np.ones(len(request), bool),
+                    **template.topology.tracking_fields())

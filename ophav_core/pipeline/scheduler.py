@@ -593,14 +593,15 @@ def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored
     index = np.flatnonzero(kept)
     if not len(index):
         return frames, masks, tracking
-    repeat = int(np.clip(np.ceil(0.5 * len(frames) / len(index)), 1, 4))
-    index = np.tile(index, repeat)
-    picked = FrameSet(restored.frames[index], fps=frames.fps)
-    head = segmenter.segment(picked, views.subset(index)).alpha
+    # One render at a time: the renders are unrelated views, not a video a segmenter may smooth over time.
+    head = np.concatenate([segmenter.segment(FrameSet(restored.frames[i:i + 1], fps=frames.fps),
+                                             views.subset(np.array([i]))).alpha for i in index])
     alpha = np.minimum(renders.alpha[index], head)
-    return (FrameSet(np.concatenate([frames.frames, picked.frames]), fps=frames.fps),
-            MaskSet(np.concatenate([masks.alpha, alpha]).astype(np.float32)),
-            tracking.joined(views.subset(index)))
+    repeat = int(np.clip(np.ceil(0.5 * len(frames) / len(index)), 1, 4))
+    return (FrameSet(np.concatenate([frames.frames, np.tile(restored.frames[index], (repeat, 1, 1, 1))]),
+                     fps=frames.fps),
+            MaskSet(np.concatenate([masks.alpha, np.tile(alpha, (repeat, 1, 1))]).astype(np.float32)),
+            tracking.joined(views.subset(np.tile(index, repeat))))
 
 
 def preview_motion(template: Tracking, tracker, frames: int, fps: float):
