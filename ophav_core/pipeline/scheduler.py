@@ -627,9 +627,16 @@ def write_preview(path: Path, field, tracker, avatar: AvatarCheckpoint, referenc
     from ophav_core.pipeline.animate import requests_from_motion
     from ophav_core.media import square_resize, write_video
 
+    import warnings
+
     motion, expressions = preview_motion(avatar.template, tracker, frames, fps)
     request = requests_from_motion(avatar.template, motion, expressions)
-    result = field.render(avatar, request)
+    with warnings.catch_warnings():
+        # The sweep goes through every named expression at full strength, past what a coarse video may have
+        # shown; a field that tells (insta clamps its colour there) would warn about the run's own preview, which
+        # the person running it can do nothing about.
+        warnings.simplefilter("ignore", UserWarning)
+        result = field.render(avatar, request)
     side = result.rgb.shape[1]
     left = square_resize(reference_image, side)
     write_video(path, np.concatenate([np.repeat(left[None], len(result), 0), result.rgb], axis=2), fps)
