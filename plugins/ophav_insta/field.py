@@ -124,12 +124,7 @@ class InstaField(AvatarField):
         # A continued training keeps the avatar's own template (its camera and frontal frame), whatever frames the
         # round trained on: renders of it then frame the head as the first fit did.
         template = init.template if init is not None else _template(tracking)
-        # The expressions the colour network has seen: a continued training keeps the first fit's range (the
-        # coarse video's), since the rounds' renders carry the same expressions.
-        trained_range = (read_checkpoint(init.path).get("expression_range") if init is not None else None)
-        if trained_range is None:
-            trained_range = expression_range(tracking.expression)
-        write_checkpoint(Path(out), trainer, template, info, trained_range)
+        write_checkpoint(Path(out), trainer, template, info, trainer.expression_range)
         return AvatarCheckpoint(path=Path(out), template=template, info=info)
 
     # ------------------------------------------------------------------ load
@@ -272,7 +267,9 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
         _check_compatible(ckpt, tracking)
         deformer = _deformer_from_checkpoint(ckpt, device)
         field_state, occupancy_state, previous = ckpt["field"], ckpt["occupancy"], dict(ckpt["info"])
+        trained_range = ckpt.get("expression_range")
     else:
+        trained_range = None
         config = field_config(opt, tracking, device)
         geometry = Geometry.from_meshes(tracking.canonical_vertices, unposed, tracking.mesh_type, opt.box_margin,
                                         opt.box_extra_up, opt.box_extra_back, opt.deform_near, opt.deform_far)
@@ -290,6 +287,9 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
     scene = Scene.build(frames, masks, tracking, geometry, device)
     trainer = Trainer(opt, config, geometry, deformer, scene, device, seed, backend, iterations, field_state,
                       occupancy_state, dilation)
+    # The expressions the colour network has seen: a continued training keeps the first fit's range (the coarse
+    # video's), since the rounds' renders carry the same expressions.
+    trainer.expression_range = trained_range if trained_range is not None else expression_range(tracking.expression)
     return trainer, previous
 
 
