@@ -1,0 +1,1 @@
+"""ophav plugin: gaussians (mesh-anchored 3D Gaussian head avatar)."""
