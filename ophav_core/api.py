@@ -138,13 +138,18 @@ def run(portrait: str | Path, out: str | Path | None = None, *, image2video: str
 
 def preprocess(source: str | Path, out: str | Path, *, segmenter: str | None = None, tracker: str | None = None,
                size: int = 512, max_frames: int | None = None, sets: Sequence[str] = (),
-               device: str | None = None, quiet: bool = False, log: Log | None = None) -> Path:
-    """Turn a video (or image folder) into a dataset: frames, head masks, tracking and contact sheets."""
+               device: str | None = None, quiet: bool = False, log: Log | None = None, format: str = "ophav",
+               test_frames: int | None = None) -> Path:
+    """Turn a video (or image folder) into a dataset: frames, head masks, tracking and contact sheets.
+    ``format="insta"`` writes INSTA's format instead (:mod:`ophav_core.media.insta_format`), the last
+    ``test_frames`` frames (default a tenth) in its test split."""
     from ophav_core.config import DEFAULT_COMPONENTS
     from ophav_core.media import mask_overlay, mesh_overlay, plot_pose, read_video, save_png
     from ophav_core.pipeline.scheduler import write_json
 
     say = _logger(log, quiet)
+    if format not in ("ophav", "insta"):
+        raise UsageError(f"--format {format!r}: choose ophav or insta")
     source, out = Path(source), Path(out)
     work = context(out / "work", "standard", device, quiet)
     tracker_c, tracker_spec = create("tracker", tracker or DEFAULT_COMPONENTS["tracker"], work, sets)
@@ -153,33 +158,49 @@ def preprocess(source: str | Path, out: str | Path, *, segmenter: str | None = N
     say(f"{len(frames)} frames at {frames.fps:g} fps from {source}")
     tracking = tracker_c.track(frames, source=str(source))
     masks = segmenter_c.segment(frames, tracking)
-    frames.save(out / "frames.npz")
-    masks.save(out / "masks.npz")
-    tracking.save(out / "tracking.npz")
+    components = {
+        "tracker": {"name": tracker_spec.name, "package": tracker_spec.package, "version": tracker_spec.version},
+        "segmenter": {"name": segmenter_spec.name, "package": segmenter_spec.package, "version": segmenter_spec.version},
+    }
+    if format == "insta":
+        from ophav_core.media.insta_format import write_insta
+
+        write_insta(out, frames, masks, tracking, test_frames=test_frames, meta={"source": str(source), **components})
+    else:
+        frames.save(out / "frames.npz")
+        masks.save(out / "masks.npz")
+        tracking.save(out / "tracking.npz")
     plot_pose(tracking, out / "pose.png", fps=frames.fps, title=f"head pose of {source.name}")
     save_png(out / "mesh.png", mesh_overlay(frames, tracking))
     save_png(out / "overlay.png", mask_overlay(frames, masks))
     missing = [] if tracking.valid is None else np.flatnonzero(~tracking.valid).tolist()
-    write_json(out / "dataset.json", {
-        "ophav_dataset": DATASET_VERSION, "source": str(source), "frames": len(frames), "fps": frames.fps,
-        "size": list(frames.size), "frames_without_face": missing,
-        "tracker": {"name": tracker_spec.name, "package": tracker_spec.package, "version": tracker_spec.version},
-        "segmenter": {"name": segmenter_spec.name, "package": segmenter_spec.package, "version": segmenter_spec.version},
-        "files": {"frames.npz": "FrameSet", "masks.npz": "MaskSet", "tracking.npz": "Tracking"},
-    })
+    if format == "ophav":
+        write_json(out / "dataset.json", {
+            "ophav_dataset": DATASET_VERSION, "source": str(source), "frames": len(frames), "fps": frames.fps,
+            "size": list(frames.size), "frames_without_face": missing, **components,
+            "files": {"frames.npz": "FrameSet", "masks.npz": "MaskSet", "tracking.npz": "Tracking"},
+        })
     if missing:
         say(f"no face in {len(missing)} frame(s) (interpolated): {missing[:20]}{'...' if len(missing) > 20 else ''}")
     return out
 
 
-def load_dataset(folder: str | Path):
-    """(frames, masks, tracking, description) of a dataset made by :func:`preprocess`."""
+def load_dataset(folder: str | Path, split: str = "train"):
+    """(frames, masks, tracking, description) of a dataset made by :func:`preprocess`, or of a folder in INSTA's
+    format (``transforms_train.json``; see :mod:`ophav_core.media.insta_format`), whose ``split`` it gives
+    (``train``, ``val``, ``test`` or ``held_out``: the val and test frames train lacks)."""
+    from ophav_core.media import insta_format
     from ophav_core.stages import FrameSet, MaskSet, Tracking
 
     folder = Path(folder)
+    if insta_format.is_insta_dataset(folder):
+        dataset = insta_format.read_insta(folder)
+        frames, masks, tracking = dataset.split(split)
+        return frames, masks, tracking, {**dataset.meta, "split": split}
     description = folder / "dataset.json"
     if not description.is_file():
-        raise UsageError(f"{folder} is not an ophav dataset (no dataset.json); make one with `ophav preprocess`")
+        raise UsageError(f"{folder} is not an ophav dataset (no dataset.json, no transforms_train.json); make one "
+                         f"with `ophav preprocess`")
     meta = json.loads(description.read_text())
     if meta.get("ophav_dataset") != DATASET_VERSION:
         raise UsageError(f"{folder}: dataset version {meta.get('ophav_dataset')} is not {DATASET_VERSION}")
@@ -206,8 +227,9 @@ def fit(dataset: str | Path, out: str | Path, *, field: str | None = None, profi
     work = context(out.parent / f".{out.name}.work", profile, device, quiet)
     component, spec = create("field", field or DEFAULT_COMPONENTS["field"], work, sets)
     avatar = component.fit(frames, masks, tracking, out, iterations=iterations)
+    tracker_name = (meta.get("tracker") or {}).get("name") or DEFAULT_COMPONENTS["tracker"]
     write_json(out.with_suffix(".json"), {
-        "checkpoint": out.name, "field": spec.name, "tracker": meta["tracker"]["name"], "dataset": str(dataset),
+        "checkpoint": out.name, "field": spec.name, "tracker": tracker_name, "dataset": str(dataset),
         "profile": profile, "info": avatar.info, "render": f"ophav render {out} --views turntable --out turntable.mp4"})
     return avatar
 

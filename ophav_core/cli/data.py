@@ -22,18 +22,23 @@ def preprocess(
     set_: List[str] = typer.Option([], "--set", help="STAGE.OPTION=VALUE for the tracker or segmenter"),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    format_: str = typer.Option("ophav", "--format", help="ophav (frames.npz, masks.npz, tracking.npz) or insta "
+                                                          "(INSTA's transforms_*.json, images/, meshes/, flame/exp/)"),
+    test_frames: Optional[int] = typer.Option(None, "--test-frames", min=0, help="--format insta: the last N frames "
+                                              "form the test split (default a tenth)"),
 ) -> None:
     """Turn your own video (or image folder) into a dataset: frames, head masks, tracking, contact sheets."""
     from ophav_core import api
 
     api.preprocess(source, out, segmenter=segmenter, tracker=tracker, size=size, max_frames=max_frames, sets=set_,
-                   device=device, quiet=quiet, log=_echo)
+                   device=device, quiet=quiet, log=_echo, format=format_, test_frames=test_frames)
     _echo(f"dataset written to {out} (see pose.png, mesh.png and overlay.png)")
 
 
 @app.command()
 def fit(
-    dataset: Path = typer.Argument(..., help="a dataset folder made by `ophav preprocess`"),
+    dataset: Path = typer.Argument(..., help="a dataset folder made by `ophav preprocess`, or one in INSTA's format "
+                                             "(its train split)"),
     out: Path = typer.Option(..., "--out", "-o", help="the avatar checkpoint to write"),
     field: Optional[str] = _component_option("field"),
     profile: str = typer.Option("standard", "--profile", help="sizes the training (tiny, preview, standard, paper)"),

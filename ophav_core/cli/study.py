@@ -16,7 +16,8 @@ def eval_command(
                                                    "table row each"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for metrics.json, table.md and compare.png"),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="self-reenactment: a dataset (`ophav "
-                                           "preprocess`) or a run directory (its coarse video)"),
+                                           "preprocess`), a run directory (its coarse video) or an INSTA-format "
+                                           "folder (its held-out val and test frames)"),
     driver: Optional[Path] = typer.Option(None, "--driver", help="cross-identity reenactment: another person's video"),
     views: Optional[str] = typer.Option(None, "--views", help="novel views: turntable (yaw -60..60 step 15) or grid "
                                         "(those yaws x pitch -25..25 step 12.5); per-angle table and plot"),

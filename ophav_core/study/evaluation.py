@@ -461,10 +461,17 @@ def score_images(images: np.ndarray, portrait: Portrait | np.ndarray | None = No
 
 
 def load_reference(folder: Path) -> tuple[FrameSet, MaskSet, Tracking, dict[str, Any]]:
-    """Frames, masks and tracking of a dataset (``ophav preprocess``) or of a run directory (its coarse video)."""
+    """Frames, masks and tracking of a dataset (``ophav preprocess``), of a run directory (its coarse video) or of a
+    folder in INSTA's format (its held-out frames: those of val and test that train lacks)."""
     import json
 
+    from ophav_core.media import insta_format
+
     folder = Path(folder)
+    if insta_format.is_insta_dataset(folder):
+        dataset = insta_format.read_insta(folder)
+        frames, masks, tracking = dataset.split("held_out")
+        return frames, masks, tracking, {**dataset.meta, "split": "held_out"}
     if (folder / "dataset.json").is_file():
         meta = json.loads((folder / "dataset.json").read_text())
         names, kind = ("frames.npz", "masks.npz", "tracking.npz"), "dataset"
