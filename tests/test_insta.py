@@ -291,6 +291,51 @@ def test_far_points_move_rigidly():
     assert torch.equal(x_c, x) and (closeness == 0).all()
 
 
+def test_variable_dilation_matches_a_uniform_max_pool_and_varies_per_voxel():
+    from ophav_insta.render import variable_dilation
+
+    res = 12
+    opaque = torch.zeros(res ** 3, dtype=torch.bool)
+    opaque[5 + res * (6 + res * 6)] = True  # one opaque voxel at x=5, y=6, z=6
+    for r in (1, 2, 3):
+        uniform = torch.nn.functional.max_pool3d(opaque.view(1, 1, res, res, res).float(), 2 * r + 1, 1, r).view(-1) > 0
+        assert torch.equal(variable_dilation(opaque, torch.full((res ** 3,), r, dtype=torch.uint8)), uniform)
+    radius = torch.ones(res ** 3, dtype=torch.uint8).view(res, res, res)
+    radius[:, :, 8:] = 3  # x >= 8 reaches three voxels
+    occupied = variable_dilation(opaque, radius.view(-1)).view(res, res, res)
+    assert occupied[6, 6, 8] and not occupied[6, 6, 9]  # x=8 is 3 away: reached from there; x=9 is 4 away
+    assert occupied[6, 6, 4] and not occupied[6, 6, 3]  # radius 1 on that side
+
+
+def test_displacement_radius_bounds_the_deformation_of_every_point():
+    """The occupancy test looks up unposed points; the field's density is at their canonical points. The radius
+    map must cover that move everywhere (a cell-distance check of the deformer's own output), and stay at one
+    voxel far from the moving part, which is what makes it tighter than one global dilation."""
+    from ophav_insta.render import displacement_radius
+
+    tracking = synthetic_tracking(3, 32)
+    deformer, unposed = _deformer(tracking, near=0.3, far=1.5)
+    canonical = torch.as_tensor(tracking.canonical_vertices)
+    faces = torch.as_tensor(tracking.faces).long()
+    lo = canonical.min(0).values - 4.0
+    side = float((canonical.max(0).values - canonical.min(0).values).max()) + 8.0
+    res = 32
+    radius = displacement_radius(canonical, unposed, faces, 1.5, lo, side, res, cap=32)
+    g = torch.Generator().manual_seed(11)
+    for frame in range(3):
+        x = unposed[frame][torch.randint(0, canonical.shape[0], (3000,), generator=g)] + torch.randn(3000, 3, generator=g)
+        x_c, _ = deformer.deform(x, torch.full((3000,), frame, dtype=torch.long), unposed)
+        cell = lambda p: ((p - lo) / side * res).floor().long()  # noqa: E731
+        inside = ((cell(x) >= 0) & (cell(x) < res) & (cell(x_c) >= 0) & (cell(x_c) < res)).all(-1)
+        a, b = cell(x)[inside], cell(x_c)[inside]
+        need = (a - b).abs().amax(-1)
+        have = radius.long()[a[:, 0] + res * (a[:, 1] + res * a[:, 2])]
+        assert (need <= have).all(), f"frame {frame}: {(need > have).sum()} points move farther than their radius"
+        assert need.max() >= 2, "the test needs an expression that moves points across voxels"
+    # a global dilation would use the largest radius everywhere
+    assert (radius < radius.max()).float().mean() > 0.5 and (radius == 1).float().mean() > 0.2
+
+
 def _brute_force_distance(points, mesh, faces):
     from ophav_insta.deform import closest_point_on_triangle
 
@@ -682,6 +727,15 @@ def test_training_learns_the_synthetic_head(tmp_path, head):
     assert psnr1 > psnr0 + 5.0, (psnr0, psnr1)
     assert alpha1 < 0.6 * alpha0, (alpha0, alpha1)
     assert trained.info["psnr"] > 15 and trained.info["occupied_fraction"] < 1.0
+    # Renders skip samples whose canonical point is in an empty voxel and dilate the occupancy per frame; the
+    # image is the one every sample gives (empty voxels hold densities below the occupancy threshold).
+    every = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4,
+                   render_canonical_skip=False)
+    request = RenderRequest.from_tracking(tracking, np.arange(0, len(tracking), 3))
+    skipped, full = field.render(trained, request), every.render(trained, request)
+    mse = float(((skipped.rgb / 255.0 - full.rgb / 255.0) ** 2).mean())
+    assert -10 * np.log10(max(mse, 1e-12)) > 45.0
+    assert np.abs(skipped.alpha - full.alpha).max() < 0.05
 
 
 def test_colour_is_asked_only_within_the_trained_expressions(tmp_path, head):

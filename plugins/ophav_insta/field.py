@@ -23,6 +23,9 @@ from ophav_core.stages.avatar_field import AvatarCheckpoint, AvatarField
 from ophav_core.stages.data import FrameSet, MaskSet, RenderRequest, RenderResult, Tracking, atomic_write_bytes
 from ophav_insta.options import InstaOptions
 
+# A render frame's expression may go past the training's (the mesh follows it): its dilation may too.
+RENDER_DILATION_CAP = 6
+
 FORMAT, VERSION = "ophav-insta", 1
 TEMPLATE_FRAMES = 8
 
@@ -134,6 +137,8 @@ class InstaField(AvatarField):
         return AvatarCheckpoint(path=Path(path), template=tracking_from_tensors(ckpt["template"]), info=dict(ckpt["info"]))
 
     def _loaded(self, path: Path) -> _Loaded:
+        import torch
+
         from ophav_insta.model import CanonicalField, FieldConfig, Geometry
         from ophav_insta.render import OccupancyGrid
 
@@ -154,12 +159,20 @@ class InstaField(AvatarField):
         occupancy = OccupancyGrid(resolution, tensors["cube_min"], geometry.cube_side, int(occupancy_state["dilation"]))
         occupancy.load_state(occupancy_state)
         trained = ckpt["options"]
+        if occupancy.opaque is None and occupancy.active:
+            # A checkpoint from before the opaque voxels were stored: the same test on its densities.
+            from ophav_insta.train import surface_points
+
+            template = tracking_from_tensors(ckpt["template"])
+            occupancy.mark_surface(surface_points(torch.as_tensor(template.canonical_vertices, device=device),
+                                                  torch.as_tensor(template.faces, dtype=torch.int64, device=device)))
+            step = geometry.sample_spacing(int(trained["samples_per_ray"]))
+            occupancy.opaque = ((1.0 - torch.exp(-occupancy.density * step)) > float(trained["occupancy_threshold"])
+                                ) | occupancy.surface
         deformer = _deformer_from_checkpoint(ckpt, device)
         self._deform_backend(deformer)
         decode = None
         if self.options.compile and device.type == "cuda":
-            import torch
-
             decode = torch.compile(field.decode, dynamic=True)
         trained_range = ckpt.get("expression_range")
         loaded = _Loaded(field, deformer, geometry, occupancy, tracking_from_tensors(ckpt["template"]),
@@ -174,6 +187,7 @@ class InstaField(AvatarField):
         import torch
 
         from ophav_insta.model import FrameData
+        from ophav_insta.render import displacement_radius
         from ophav_insta.train import background_rgb, render_image
 
         model = self._loaded(avatar.path)
@@ -199,15 +213,24 @@ class InstaField(AvatarField):
             import warnings
 
             warnings.warn(beyond, stacklevel=2)
+        faces = torch.as_tensor(template.faces, dtype=torch.int64, device=device)
+        frame_occupancy: dict[bytes, Any] = {}
         for i in range(n):
             expression = f32(request.expression[i:i + 1])
             mesh = canonical[None] + torch.einsum("ne,evc->nvc", expression, basis)
+            # Empty-space skipping dilated by this frame's own displacement: wide only where its mesh moves
+            # (a turntable's frames share one expression, so one grid).
+            key = request.expression[i].tobytes()
+            if key not in frame_occupancy:
+                frame_occupancy = {key: model.occupancy.with_radius(displacement_radius(
+                    canonical, mesh, faces, model.geometry.far, model.occupancy.cube_min, model.geometry.cube_side,
+                    model.occupancy.resolution, cap=RENDER_DILATION_CAP))}
             # The mesh (so the geometry) follows the whole expression; the colour network is asked only within
             # the range it was trained on: beyond it a small MLP extrapolates, and a face turns red.
             colour_expression = expression if model.expression_range is None else torch.maximum(
                 torch.minimum(expression, model.expression_range[1]), model.expression_range[0])
             K_inv = f32(np.linalg.inv(request.K[i]))[None]
-            out = render_image(model.field, model.deformer, model.geometry, model.occupancy,
+            out = render_image(model.field, model.deformer, model.geometry, frame_occupancy[key],
                                FrameData(mesh, colour_expression), K_inv, f32(request.rotation[i:i + 1]),
                                f32(request.translation[i:i + 1]), (width, height), options, background, amp,
                                model.decode)
@@ -252,6 +275,7 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
 
     from ophav_insta.deform import MeshDeformer, reference_meshes, unposed_vertices
     from ophav_insta.model import FieldConfig, Geometry
+    from ophav_insta.render import displacement_radius
     from ophav_insta.train import Scene, Trainer
 
     masks.check_matches(frames)
@@ -276,10 +300,12 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
         refs = reference_meshes(unposed, tracking.canonical_vertices)
         deformer = MeshDeformer.build(tracking.canonical_vertices, tracking.faces, refs, opt.candidate_grid,
                                       opt.candidates, geometry.near, geometry.far, device)
-    # The occupancy test uses unposed points; canonical ones are at most the largest expression displacement away.
-    voxel = geometry.cube_side / opt.occupancy_resolution
-    displacement = float(np.linalg.norm(unposed - tracking.canonical_vertices[None], axis=-1).max())
-    dilation = int(min(4, max(1, math.ceil(displacement / voxel))))
+    # The occupancy test uses unposed points; canonical ones are at most the local expression displacement away:
+    # the dilation follows it (wide at the mouth, one voxel where the mesh does not move or is far).
+    dilation = displacement_radius(torch.as_tensor(tracking.canonical_vertices, dtype=torch.float32),
+                                   torch.as_tensor(unposed), torch.as_tensor(tracking.faces, dtype=torch.int64),
+                                   geometry.far, torch.as_tensor(geometry.cube_min, dtype=torch.float32),
+                                   geometry.cube_side, opt.occupancy_resolution)
     try:  # before the Trainer: it compiles only the torch deformation
         deformer.set_backend(opt.deform_backend)
     except RuntimeError as exc:

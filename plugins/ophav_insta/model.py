@@ -266,8 +266,12 @@ class HeadField:
     ``decode`` replaces ``field_net.decode`` (e.g. a ``torch.compile``'d version of it)."""
 
     def __init__(self, field_net: CanonicalField, deformer: MeshDeformer, cube_min: torch.Tensor, cube_side: float,
-                 frames: FrameData, decode: Any = None):
+                 frames: FrameData, decode: Any = None, canonical_test: Any = None):
+        """``canonical_test``: unit-cube canonical points (N, 3) -> (N,) bool, False where the canonical field is
+        known to be empty (renders: the occupancy grid's opaque voxels); those samples skip the hash grid and
+        the MLPs and get zero density."""
         self.field, self.deformer, self.frames = field_net, deformer, frames
+        self.canonical_test = canonical_test
         self.cube_min, self.cube_side = cube_min, float(cube_side)
         self.decode = decode or field_net.decode
         self._ray_cache: tuple[Any, torch.Tensor] | None = None
@@ -290,7 +294,16 @@ class HeadField:
         with phase("hash encoding"):
             unit = (x_c - self.cube_min) / self.cube_side
             inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
-            features = self.field.encoding(unit)
+            if self.canonical_test is not None:
+                keep = (inside & self.canonical_test(unit)).nonzero().squeeze(1)
+                features = self.field.encoding(unit[keep])
+            else:
+                features = self.field.encoding(unit)
         with phase("MLPs"):
-            sigma, rgb = self.decode(features, self.ray_inputs(rays)[ray], closeness)
-        return sigma * inside, rgb
+            if self.canonical_test is None:
+                sigma, rgb = self.decode(features, self.ray_inputs(rays)[ray], closeness)
+                return sigma * inside, rgb
+            kept_sigma, kept_rgb = self.decode(features, self.ray_inputs(rays)[ray[keep]], closeness[keep])
+            sigma = torch.zeros(x.shape[0], dtype=kept_sigma.dtype, device=x.device).index_put_((keep,), kept_sigma)
+            rgb = torch.zeros(x.shape[0], 3, dtype=kept_rgb.dtype, device=x.device).index_put_((keep,), kept_rgb)
+            return sigma, rgb

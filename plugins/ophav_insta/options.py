@@ -85,6 +85,8 @@ class InstaOptions(BaseModel):
                               "render (the window doubles each round; rays that became opaque stop between rounds)")
     render_min_transmittance: float = Field(1e-3, ge=0, lt=1, description="a ray stops once its transmittance "
                                             "falls below this")
+    render_canonical_skip: bool = Field(True, description="renders also skip samples whose canonical point (after "
+                                        "the deformation) lies in an empty voxel: no hash grid or MLP there")
     render_chunk_rays: int = Field(1 << 18, ge=256, description="rays rendered at once")
     # ---- execution
     backend: Literal["auto", "torch", "triton", "tcnn"] = Field("auto", description="hash encoding backend; auto = "

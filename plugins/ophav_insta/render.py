@@ -95,18 +95,98 @@ def ray_box(origin: torch.Tensor, direction: torch.Tensor, box_min: torch.Tensor
 # ---------------------------------------------------------------------------------------------- occupancy
 
 
-class OccupancyGrid:
-    """Densities on a res^3 grid over the head cube (canonical space), and the occupied voxels dilated by
-    ``dilation`` voxels. Lookups use the unposed point, not the canonical one (which needs the deformation):
-    the dilation covers the largest expression displacement, so the test stays conservative."""
+def dilate(grid: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max-filter of a (res, res, res) float grid over a (2r+1)^3 cube: three 1-D passes (separable)."""
+    if radius <= 0:
+        return grid
+    k, g = 2 * radius + 1, grid[None, None]
+    g = F.max_pool3d(g, (k, 1, 1), stride=1, padding=(radius, 0, 0))
+    g = F.max_pool3d(g, (1, k, 1), stride=1, padding=(0, radius, 0))
+    g = F.max_pool3d(g, (1, 1, k), stride=1, padding=(0, 0, radius))
+    return g[0, 0]
 
-    def __init__(self, resolution: int, cube_min: torch.Tensor, cube_side: float, dilation: int = 1):
-        self.resolution, self.cube_min, self.cube_side, self.dilation = resolution, cube_min, float(cube_side), dilation
+
+def variable_dilation(opaque: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """(res^3,) bool: voxel x is occupied when an opaque voxel lies within ``radius[x]`` voxels (Chebyshev) of it."""
+    res = round(opaque.numel() ** (1 / 3))
+    grid = opaque.view(res, res, res).float()
+    radius = radius.view(res, res, res)
+    occupied = torch.zeros_like(opaque).view(res, res, res)
+    for r in range(int(radius.min()), int(radius.max()) + 1):
+        ring = radius == r
+        if bool(ring.any()):
+            occupied |= ring & (dilate(grid, r) > 0)
+    return occupied.view(-1)
+
+
+@torch.no_grad()
+def displacement_radius(canonical: torch.Tensor, meshes: torch.Tensor, faces: torch.Tensor, far: float,
+                        cube_min: torch.Tensor, cube_side: float, resolution: int, cap: int = 4) -> torch.Tensor:
+    """(res^3,) uint8: per voxel, how many voxels a point there can move between its unposed and canonical
+    position, so the occupancy test of unposed points can stay conservative where the mesh moves and tight
+    where it does not.
+
+    The deformation maps a point within ``far`` of triangle j of an unposed mesh to the same barycentric point
+    of the canonical triangle plus the same local offset, so it moves by at most
+    ``max vertex displacement of j + 2 sin(theta_j / 2) * far`` (theta_j: the rotation between the triangle's
+    two local frames); farther from every triangle it moves rigidly (not at all in head space). Each triangle's
+    bound in voxels (at least 1, at most ``cap``) is spread to every voxel within ``far`` (+ the longest edge
+    and a voxel) of its vertices. ``meshes``: (M, V, 3) unposed meshes (training frames, or one frame of a
+    render) with the topology of ``canonical`` (V, 3)."""
+    from ophav_insta.deform import triangle_frames
+
+    res, voxel = int(resolution), float(cube_side) / int(resolution)
+    meshes = meshes.reshape(-1, *canonical.shape).to(canonical)
+    tri_c = canonical[faces]  # (F, 3, 3)
+    frame_c = triangle_frames(tri_c[:, 0], tri_c[:, 1], tri_c[:, 2])  # (F, 3, 3)
+    bound = torch.zeros(faces.shape[0], device=canonical.device)
+    for mesh in meshes:  # one mesh at a time: bounded memory for long videos
+        tri = mesh[faces]
+        moved = (tri - tri_c).norm(dim=-1).amax(dim=-1)
+        relative = triangle_frames(tri[:, 0], tri[:, 1], tri[:, 2]) @ frame_c.transpose(-1, -2)
+        cos = ((relative.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
+        turn = 2.0 * torch.sin(torch.acos(cos) / 2.0) * far
+        bound = torch.maximum(bound, moved + turn)
+    need = (bound / voxel).ceil().clamp(1, cap).to(torch.int64)  # (F,)
+    edge = float((tri_c - tri_c.roll(1, dims=1)).norm(dim=-1).max())
+    reach = int(np.ceil((far + edge) / voxel)) + 1
+    radius = torch.ones(res, res, res, device=canonical.device)
+    points_all = torch.cat([canonical[None], meshes])  # the triangles where they are, canonical and moved
+    for r in range(2, int(need.max()) + 1):
+        vertices = torch.unique(faces[need >= r].reshape(-1))
+        if vertices.numel() == 0:
+            continue
+        cell = ((points_all[:, vertices].reshape(-1, 3) - cube_min) / cube_side * res).floor().long().clamp(0, res - 1)
+        marks = torch.zeros(res, res, res, device=canonical.device)
+        marks[cell[:, 2], cell[:, 1], cell[:, 0]] = 1.0  # grids are indexed [z, y, x] (x fastest when flat)
+        radius = torch.maximum(radius, r * dilate(marks, reach))
+    return radius.reshape(-1).to(torch.uint8)
+
+
+class OccupancyGrid:
+    """Densities on a res^3 grid over the head cube (canonical space), and the occupied voxels: the opaque ones
+    dilated by ``radius`` voxels, which may vary per voxel (:func:`displacement_radius`). Lookups use the
+    unposed point, not the canonical one (which needs the deformation): the dilation covers the expression
+    displacement there, so the test stays conservative. :meth:`with_radius` re-dilates the same opaque voxels for
+    one render frame's own displacement."""
+
+    def __init__(self, resolution: int, cube_min: torch.Tensor, cube_side: float,
+                 dilation: int | torch.Tensor = 1):
+        self.resolution, self.cube_min, self.cube_side = resolution, cube_min, float(cube_side)
         device = cube_min.device
+        if isinstance(dilation, torch.Tensor):
+            self.radius = dilation.to(device=device, dtype=torch.uint8).reshape(-1)
+        else:
+            self.radius = torch.full((resolution ** 3,), int(dilation), dtype=torch.uint8, device=device)
         self.density = torch.zeros(resolution ** 3, device=device)
         self.occupied = torch.ones(resolution ** 3, dtype=torch.bool, device=device)
+        self.opaque: torch.Tensor | None = None  # before dilation; None for checkpoints that did not store it
         self.surface = torch.zeros(resolution ** 3, dtype=torch.bool, device=device)
         self.active = False  # False: everything counts as occupied (warm-up)
+
+    @property
+    def dilation(self) -> int:
+        return int(self.radius.max())
 
     def mark_surface(self, points: torch.Tensor) -> None:
         """Voxels holding these head-space points (the canonical mesh) always count as occupied, so the face
@@ -155,25 +235,56 @@ class OccupancyGrid:
         points = self.cell_points(generator, jitter)
         fresh = torch.cat([density_fn(points[i:i + chunk]).float() for i in range(0, points.shape[0], chunk)])
         self.density = torch.maximum(self.density * decay, fresh)
-        opaque = ((1.0 - torch.exp(-self.density * step)) > threshold) | self.surface
-        res, r = self.resolution, self.dilation
-        grid = opaque.view(1, 1, res, res, res).float()
-        if r > 0:
-            grid = F.max_pool3d(grid, kernel_size=2 * r + 1, stride=1, padding=r)
-        self.occupied = grid.view(-1) > 0
+        self.opaque = ((1.0 - torch.exp(-self.density * step)) > threshold) | self.surface
+        self.occupied = variable_dilation(self.opaque, self.radius)
         self.active = self.active or activate
+
+    def with_radius(self, radius: torch.Tensor) -> "OccupancyGrid":
+        """The same opaque voxels dilated by another radius map (one render frame's displacement); ``self`` when
+        the opaque voxels are not known (a checkpoint from before they were stored) or the grid is inactive."""
+        if self.opaque is None or not self.active:
+            return self
+        grid = OccupancyGrid(self.resolution, self.cube_min, self.cube_side, radius)
+        grid.density, grid.opaque, grid.surface, grid.active = self.density, self.opaque, self.surface, True
+        grid.occupied = variable_dilation(self.opaque, grid.radius)
+        return grid
+
+    def canonical_test(self, margin: int = 1):
+        """For renders: unit-cube canonical points (N, 3) -> (N,) bool, whether their voxel is within ``margin``
+        voxels of an opaque one (the grid's densities are of the canonical field, so after the deformation no
+        displacement dilation is needed; the margin covers what one jittered point per voxel can miss). None when
+        the grid cannot tell (inactive, or no opaque voxels stored)."""
+        if self.opaque is None or not self.active:
+            return None
+        res = self.resolution
+        near = variable_dilation(self.opaque, torch.full_like(self.radius, margin))
+        strides = self._strides(near.device)
+
+        def test(unit: torch.Tensor) -> torch.Tensor:
+            cell = (unit * res).to(torch.int32).clamp_(0, res - 1)
+            return near[(cell * strides).sum(dim=-1)]
+        return test
 
     def fraction(self) -> float:
         return float(self.occupied.float().mean()) if self.active else 1.0
 
     def state(self) -> dict:
-        return {"density": self.density.cpu(), "occupied": self.occupied.cpu(), "active": bool(self.active),
-                "dilation": int(self.dilation)}
+        state = {"density": self.density.cpu(), "occupied": self.occupied.cpu(), "active": bool(self.active),
+                 "dilation": self.dilation, "radius": self.radius.cpu()}
+        if self.opaque is not None:
+            state["opaque"] = self.opaque.cpu()
+        return state
 
     def load_state(self, state: dict) -> None:
-        self.density = state["density"].to(self.cube_min.device).float()
-        self.occupied = state["occupied"].to(self.cube_min.device).bool()
-        self.active, self.dilation = bool(state["active"]), int(state["dilation"])
+        device = self.cube_min.device
+        self.density = state["density"].to(device).float()
+        self.occupied = state["occupied"].to(device).bool()
+        self.active = bool(state["active"])
+        self.opaque = state["opaque"].to(device).bool() if "opaque" in state else None
+        if "radius" in state and state["radius"].numel() == self.radius.numel():
+            self.radius = state["radius"].to(device=device, dtype=torch.uint8)
+        elif "radius" not in state:
+            self.radius = torch.full_like(self.radius, int(state["dilation"]))
 
 
 # ---------------------------------------------------------------------------------------------- compositing

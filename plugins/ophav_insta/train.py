@@ -126,7 +126,8 @@ class Trainer:
 
     def __init__(self, options: InstaOptions, config: FieldConfig, geometry: Geometry, deformer: MeshDeformer,
                  scene: Scene, device, seed: int, backend: str, total_iterations: int,
-                 field_state: dict | None = None, occupancy_state: dict | None = None, dilation: int = 1):
+                 field_state: dict | None = None, occupancy_state: dict | None = None,
+                 dilation: int | torch.Tensor = 1):
         self.options, self.config, self.geometry, self.deformer, self.scene = options, config, geometry, deformer, scene
         self.device = torch.device(device)
         self.total = max(int(total_iterations), 1)
@@ -148,7 +149,9 @@ class Trainer:
         self.box_min, self.box_max, self.cube_min = tensors["box_min"], tensors["box_max"], tensors["cube_min"]
         self.occupancy = OccupancyGrid(options.occupancy_resolution, tensors["cube_min"], geometry.cube_side, dilation)
         if occupancy_state is not None and occupancy_state["density"].numel() == options.occupancy_resolution ** 3:
+            radius = self.occupancy.radius  # this training's frames (a continued one has new expressions)
             self.occupancy.load_state(occupancy_state)
+            self.occupancy.radius = radius
         self.occupancy.mark_surface(surface_points(deformer.canonical, deformer.faces))
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.background = background_rgb(options.background, self.device)
@@ -333,7 +336,8 @@ def render_image(field: CanonicalField, deformer: MeshDeformer, geometry: Geomet
         rays = make_rays(u, v, torch.zeros_like(u), K_inv, rotation, translation, tensors["box_min"],
                          tensors["box_max"])
         hit = rays.hit.nonzero().squeeze(1)
-    head = HeadField(field, deformer, tensors["cube_min"], geometry.cube_side, frames, decode)
+    head = HeadField(field, deformer, tensors["cube_min"], geometry.cube_side, frames, decode,
+                     occupancy.canonical_test() if options.render_canonical_skip else None)
     rgb = torch.zeros(u.numel(), 3, device=device)
     opacity = torch.zeros(u.numel(), device=device)
     depth = torch.zeros(u.numel(), device=device)
