@@ -197,11 +197,19 @@ def test_reader_puts_the_known_mesh_on_the_known_pixels(tmp_path):
     assert canonical[:, 1].argmin() == 0 and np.ptp(canonical[:, 1]) == pytest.approx(20.0, rel=1e-3)
 
 
+def _load_avatar(tmp_path: Path, with_field: bool = False):
+    from ophav_core import api
+
+    field, _ = api.create("field", "insta", api.context(tmp_path / "work", "tiny", "cpu", True),
+                          [f"field.{k}={v}" for k, v in FIELD.items()])
+    avatar = field.load(tmp_path / "avatar.ckpt")
+    return (field, avatar) if with_field else avatar
+
+
 def _fit_and_score(folder: Path, tmp_path: Path, capsys) -> np.ndarray:
     """`ophav fit` on the folder, then PSNR of each held-out view rendered back (white background)."""
     import torch
 
-    from ophav_core import api
     from ophav_core.stages import RenderRequest
 
     sets = [item for key, value in FIELD.items() for item in ("--set", f"field.{key}={value}")]
@@ -212,9 +220,7 @@ def _fit_and_score(folder: Path, tmp_path: Path, capsys) -> np.ndarray:
                              "--field", "insta", "--iterations", str(ITERATIONS), "--device", "cpu", "-q", *sets],
                             capsys)
         assert code == 0, err
-        field, _ = api.create("field", "insta", api.context(tmp_path / "work", "tiny", "cpu", True),
-                              [f"field.{k}={v}" for k, v in FIELD.items()])
-        avatar = field.load(tmp_path / "avatar.ckpt")
+        field, avatar = _load_avatar(tmp_path, with_field=True)
         frames, masks, tracking = insta_format.read_insta(folder).split("held_out")
         out = field.render(avatar, RenderRequest.from_tracking(tracking))
     finally:
@@ -230,6 +236,14 @@ def test_fit_on_synthetic_insta_data_renders_the_held_out_views(tmp_path, capsys
     write_synthetic_insta(tmp_path / "data")
     psnr = _fit_and_score(tmp_path / "data", tmp_path, capsys)
     assert (psnr > PSNR_THRESHOLD).all(), psnr
+    # `ophav eval --dataset` on INSTA data scores the held-out frames (val and test) in the dataset's own tracking,
+    # which shares the avatar's canonical mesh and expression basis (fitted once over every split).
+    from ophav_core.study.evaluation import load_reference, same_basis
+
+    frames, masks, tracking, meta = load_reference(tmp_path / "data")
+    assert len(frames) == 2 and meta["split"] == "held_out"
+    template = _load_avatar(tmp_path).template
+    assert same_basis(tracking, template)
 
 
 def test_cameras_read_in_the_wrong_axes_fail_the_threshold(tmp_path, capsys):
