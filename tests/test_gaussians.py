@@ -1,0 +1,345 @@
+"""Tests of the mesh-anchored Gaussian avatar field (plugins/ophav_gaussians, all but its rasteriser, which
+tests/test_gaussians_raster.py covers): the AvatarField contract, the binding of Gaussians to triangles, the
+checkpoint, densification and pruning, a short training that must learn the synthetic head, and a whole run."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ophav_core.stages.data import RenderRequest  # noqa: E402
+from ophav_core.testing import contracts  # noqa: E402
+from ophav_core.testing.synthetic import ellipsoid_mesh, render_synthetic, synthetic_tracking  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The CPU tests are sized for one core; more threads only fight over a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def head():
+    tracking = synthetic_tracking(8, 32)
+    frames, masks = render_synthetic(tracking)
+    return tracking, frames, masks
+
+
+def _field(**options):
+    from ophav_gaussians.field import GaussianField
+
+    return GaussianField(options, contracts.tiny_context())
+
+
+# ---------------------------------------------------------------------------------------------- plugin
+
+
+def test_plugin_registers_without_importing_torch():
+    code = textwrap.dedent("""
+        import sys
+        import ophav_gaussians.plugin, ophav_gaussians.options
+        from ophav_core.plugins import build_host
+        host = build_host([("gaussians", ophav_gaussians.plugin)], load_entry_points=False)
+        spec = host.registry.get("field", "gaussians")
+        assert spec.options_model().__name__ == "GaussianOptions", spec
+        assert spec.requires == ("torch",)
+        assert "torch" not in sys.modules, "importing the plugin imported torch"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_options_forbid_unknown_keys_and_follow_the_profile():
+    from ophav_gaussians.field import GaussianField
+    from ophav_gaussians.options import GaussianOptions
+
+    contracts.check_options_model(GaussianField)
+    tiny, standard = GaussianOptions().resolved("tiny"), GaussianOptions().resolved("standard")
+    assert tiny.max_gaussians < standard.max_gaussians and tiny.sh_degree <= standard.sh_degree
+    assert GaussianOptions(max_gaussians=77).resolved("standard").max_gaussians == 77
+
+
+# ---------------------------------------------------------------------------------------------- binding
+
+
+def _frame_np(a, b, c):
+    """The triangle frame and size written out independently (numpy, float64)."""
+    a0 = (b - a) / np.linalg.norm(b - a)
+    n = np.cross(a0, c - a)
+    n /= np.linalg.norm(n)
+    a2 = np.cross(a0, n)
+    return np.stack([a0, n, a2], axis=1), 0.5 * (np.linalg.norm(b - a) + abs(a2 @ (c - a)))
+
+
+def _random_gaussians(num_faces, n, rng, shell=3):
+    from ophav_gaussians.model import Gaussians
+
+    parent = np.concatenate([rng.integers(0, num_faces, n), -np.ones(shell, np.int64)])
+    total = n + shell
+    bary = rng.dirichlet(np.ones(3), total)
+    bary[n:] = 0
+    t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+    return Gaussians(parent=torch.as_tensor(parent), bary=t(bary), anchor=t(rng.normal(size=(total, 3)) * 5),
+                     offset=t(rng.normal(size=(total, 3)) * 0.5), rotation=t(rng.normal(size=(total, 4))),
+                     log_scale=t(rng.normal(size=(total, 3)) * 0.3), opacity=torch.zeros(total),
+                     sh=torch.zeros(total, 4, 3))
+
+
+def test_a_gaussian_sits_on_its_triangle_as_defined():
+    from ophav_gaussians.anchors import quat_to_matrix
+
+    rng = np.random.default_rng(0)
+    verts, faces = ellipsoid_mesh()
+    g = _random_gaussians(len(faces), 20, rng)
+    means, quats, scales = g.place(torch.as_tensor(verts), torch.as_tensor(faces.astype(np.int64)), 0.7)
+    for i in range(20):
+        a, b, c = verts[faces[int(g.parent[i])]].astype(np.float64)
+        frame, size = _frame_np(a, b, c)
+        expected = g.bary[i].double().numpy() @ np.stack([a, b, c]) + size * frame @ g.offset[i].double().numpy()
+        np.testing.assert_allclose(means[i].numpy(), expected, atol=1e-4)
+        np.testing.assert_allclose(scales[i].numpy(), size * np.exp(g.log_scale[i].numpy()), rtol=1e-5)
+        rot = frame @ quat_to_matrix(g.rotation[i]).double().numpy()
+        np.testing.assert_allclose(quat_to_matrix(quats[i]).numpy(), rot, atol=1e-5)
+    # shell Gaussians: anchor + offset in units of the shell, head axes
+    np.testing.assert_allclose(means[20:].numpy(), (g.anchor[20:] + 0.7 * g.offset[20:]).numpy(), atol=1e-5)
+
+
+def test_gaussians_follow_a_rigidly_moved_and_a_deformed_mesh_exactly():
+    from ophav_core.stages.motion import euler_to_matrix
+    from ophav_gaussians.anchors import quat_to_matrix
+
+    rng = np.random.default_rng(1)
+    verts, faces = ellipsoid_mesh()
+    faces_t = torch.as_tensor(faces.astype(np.int64))
+    g = _random_gaussians(len(faces), 50, rng, shell=0)
+    means, quats, scales = g.place(torch.as_tensor(verts), faces_t, 1.0)
+    R = euler_to_matrix(np.array([25.0]), np.array([-10.0]), np.array([5.0]))[0].astype(np.float32)
+    t, s = np.array([1.0, -2.0, 3.0], np.float32), 1.3
+    moved = (s * verts @ R.T + t).astype(np.float32)
+    m2, q2, s2 = g.place(torch.as_tensor(moved), faces_t, 1.0)
+    np.testing.assert_allclose(m2.numpy(), s * means.numpy() @ R.T + t, atol=1e-4)
+    np.testing.assert_allclose(s2.numpy(), s * scales.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(quat_to_matrix(q2).numpy(), R @ quat_to_matrix(quats).numpy(), atol=1e-5)
+    # A non-rigid deformation (an expression): each Gaussian keeps its barycentric point and its offset in the
+    # deformed triangle's own frame, in units of the deformed triangle's size.
+    bent = verts.copy()
+    bent[:, 2] += 0.3 * np.sin(verts[:, 0])
+    bent[:, 1] *= 1.2
+    m3, _, s3 = g.place(torch.as_tensor(bent), faces_t, 1.0)
+    for i in range(50):
+        a, b, c = bent[faces[int(g.parent[i])]].astype(np.float64)
+        frame, size = _frame_np(a, b, c)
+        expected = g.bary[i].double().numpy() @ np.stack([a, b, c]) + size * frame @ g.offset[i].double().numpy()
+        np.testing.assert_allclose(m3[i].numpy(), expected, atol=1e-4)
+        np.testing.assert_allclose(s3[i].numpy(), size * np.exp(g.log_scale[i].numpy()), rtol=1e-4)
+
+
+def test_shell_gaussians_ignore_the_expression():
+    rng = np.random.default_rng(2)
+    verts, faces = ellipsoid_mesh()
+    g = _random_gaussians(len(faces), 5, rng, shell=10)
+    faces_t = torch.as_tensor(faces.astype(np.int64))
+    a = g.place(torch.as_tensor(verts), faces_t, 0.5)[0]
+    b = g.place(torch.as_tensor(verts * 1.1 + 0.2), faces_t, 0.5)[0]
+    assert torch.equal(a[5:], b[5:]) and not torch.allclose(a[:5], b[:5])
+
+
+def test_the_shell_is_seeded_on_the_masks_hull_outside_the_face(head):
+    from ophav_gaussians.model import carve_shell
+    from ophav_gaussians.train import unposed_vertices
+
+    tracking, frames, masks = head
+    unposed = unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation)
+    seeds, voxel = carve_shell(tracking, masks, unposed, 20, 0.1, 10 ** 6, np.random.default_rng(0))
+    assert len(seeds) > 50
+    # every seed projects inside the mask of (almost) every view
+    inside = []
+    for i in range(len(tracking)):
+        cam = seeds @ tracking.rotation[i].T + tracking.translation[i]
+        uv = np.rint(tracking.project(cam)).astype(int)
+        ok = (uv[:, 0] >= 0) & (uv[:, 0] < 32) & (uv[:, 1] >= 0) & (uv[:, 1] < 32)
+        inside.append(masks.alpha[i][uv[ok, 1], uv[ok, 0]] >= 0.5)
+    assert np.concatenate(inside).mean() > 0.9
+    # none within a voxel of the mesh
+    d = np.linalg.norm(seeds[:, None] - tracking.canonical_vertices[None], axis=-1).min(1)
+    assert d.min() >= voxel * 0.999
+    capped, _ = carve_shell(tracking, masks, unposed, 20, 0.1, 40, np.random.default_rng(0))
+    assert len(capped) == 40
+
+
+# ---------------------------------------------------------------------------------------------- the component
+
+
+def test_field_contract(tmp_path):
+    ckpt = contracts.check_field(_field(), tmp_path)
+    assert ckpt.info["total_iterations"] == 10 and ckpt.info["backend"] == "torch"
+    assert ckpt.info["gaussians_on_mesh"] > 0 and ckpt.info["gaussians_shell"] > 0
+
+
+def test_checkpoint_is_one_safe_file_and_reloads_exactly(tmp_path, head):
+    from ophav_gaussians.field import GaussianField
+
+    tracking, frames, masks = head
+    field = _field()
+    ckpt = field.fit(frames, masks, tracking, tmp_path / "avatar.ckpt", iterations=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avatar.ckpt"]  # no temporary file left behind
+    raw = torch.load(ckpt.path, weights_only=True, map_location="cpu")
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
+
+    assert plain(raw) and raw["format"] == "ophav-gaussians"
+    assert raw["info"]["iterations"] == 3 and raw["gaussians"]["offset"].shape[1] == 3
+    reloaded = GaussianField({}, contracts.tiny_context()).load(ckpt.path)
+    assert np.array_equal(reloaded.template.canonical_vertices, tracking.canonical_vertices)
+    assert np.array_equal(reloaded.template.faces, tracking.faces)
+    request = RenderRequest.from_tracking(tracking, np.array([1, 2]))
+    first = field.render(ckpt, request)
+    again = GaussianField({}, contracts.tiny_context()).render(reloaded, request)
+    assert np.array_equal(first.rgb, again.rgb) and np.array_equal(first.depth, again.depth)
+    bigger = field.render(ckpt, RenderRequest.from_tracking(tracking, np.array([1]), resolution=(48, 40)))
+    assert bigger.rgb.shape == (1, 40, 48, 3) and bigger.alpha.shape == (1, 40, 48)
+    covered = first.alpha > 0.5
+    assert covered.any() and (first.depth[covered] > 40).all()  # camera z of a head 60 units away
+
+
+def test_same_inputs_give_the_same_checkpoint(tmp_path, head):
+    from ophav_gaussians.field import read_checkpoint
+
+    tracking, frames, masks = head
+    a = _field().fit(frames, masks, tracking, tmp_path / "a.ckpt", iterations=3)
+    b = _field().fit(frames, masks, tracking, tmp_path / "b.ckpt", iterations=3)
+    wa, wb = read_checkpoint(a.path)["gaussians"], read_checkpoint(b.path)["gaussians"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_continuing_needs_the_same_topology_and_iterations_follow_the_profile(tmp_path, head):
+    from ophav_core.errors import UsageError
+
+    tracking, frames, masks = head
+    field = _field()
+    first = field.fit(frames, masks, tracking, tmp_path / "a.ckpt")
+    second = field.fit(frames, masks, tracking, tmp_path / "b.ckpt", init=first)
+    profile = field.context.profile
+    assert first.info["iterations"] == profile.fit_iterations
+    assert second.info["total_iterations"] == profile.fit_iterations + profile.refit_iterations
+    other = synthetic_tracking(8, 32, num_expressions=3)
+    frames2, masks2 = render_synthetic(other)
+    with pytest.raises(UsageError, match="expression"):
+        field.fit(frames2, masks2, other, tmp_path / "c.ckpt", init=first, iterations=1)
+
+
+def _trainer(head, **options):
+    from ophav_gaussians.field import build_trainer
+    from ophav_gaussians.options import GaussianOptions
+
+    tracking, frames, masks = head
+    trainer, _ = build_trainer(GaussianOptions(**options), "tiny", frames, masks, tracking, "cpu", 0, "torch", 100)
+    return trainer
+
+
+def test_densify_clones_small_splits_large_and_prunes_faint_gaussians(head):
+    trainer = _trainer(head, percent_dense=0.01)
+    n = len(trainer)
+    opt = trainer.options
+    with torch.no_grad():
+        trainer.params["log_scale"][:5] = -6.0  # much smaller than a triangle: these are cloned
+        size = trainer._world_size(trainer.params["log_scale"])
+        large = size > opt.percent_dense * trainer.head_size
+        small_idx = torch.nonzero(~large).squeeze(1)[:5]
+        large_idx = torch.nonzero(large).squeeze(1)[:7]
+        assert small_idx.numel() == 5 and large_idx.numel() == 7
+        trainer.grad_sum.zero_()
+        trainer.grad_count.fill_(1.0)
+        trainer.grad_sum[small_idx] = 10 * opt.grad_threshold
+        trainer.grad_sum[large_idx] = 10 * opt.grad_threshold
+        faint = torch.arange(n - 4, n)  # shell Gaussians at the end, not among the densified
+        assert not np.intersect1d(faint.numpy(), np.concatenate([small_idx.numpy(), large_idx.numpy()])).size
+        trainer.params["opacity"][faint] = -20.0
+        parent_offsets = trainer.params["offset"][large_idx].clone()
+        parent_scales = trainer.params["log_scale"][large_idx].clone()
+        clone_values = trainer.params["sh"][small_idx].clone()
+    trainer.densify_and_prune()
+    # +5 clones, +7 splits (2 children replace each parent), -4 pruned
+    assert len(trainer) == n + 5 + 7 - 4
+    assert trainer.params["offset"].shape[0] == len(trainer) == trainer.ema["offset"].shape[0]
+    assert trainer.fixed["parent"].shape[0] == len(trainer) and trainer.grad_sum.shape[0] == len(trainer)
+    new = slice(len(trainer) - 5 - 14, len(trainer))
+    assert torch.equal(trainer.params["sh"][new][:5], clone_values)  # the clones come first, exact copies
+    children_scales = trainer.params["log_scale"][new][5:]
+    np.testing.assert_allclose(children_scales.detach().numpy(),
+                               torch.cat([parent_scales, parent_scales]).numpy() - math.log(1.6), atol=1e-6)
+    moved = (trainer.params["offset"][new][5:] - torch.cat([parent_offsets, parent_offsets])).norm(dim=-1)
+    assert (moved > 0).all()
+    assert (torch.sigmoid(trainer.params["opacity"]) >= opt.min_opacity).all()
+    # the Adam state follows the new rows: a step runs
+    trainer.step()
+
+
+def test_densification_stops_at_the_budget(head):
+    trainer = _trainer(head, max_gaussians=520)
+    n = len(trainer)
+    assert n < 520
+    with torch.no_grad():
+        trainer.grad_sum.fill_(1.0)
+        trainer.grad_count.fill_(1.0)
+    trainer.densify_and_prune()
+    assert len(trainer) <= 520 and len(trainer) > n
+
+
+def _psnr_and_alpha_error(field, ckpt, tracking, frames, masks):
+    index = np.arange(0, len(tracking), 2)
+    out = field.render(ckpt, RenderRequest.from_tracking(tracking, index))
+    alpha = masks.alpha[index][..., None]
+    target = frames.frames[index] / 255.0 * alpha + (1 - alpha)  # white background
+    mse = float(((out.rgb / 255.0 - target) ** 2).mean())
+    return -10 * np.log10(mse), float(np.abs(out.alpha - masks.alpha[index]).mean())
+
+
+def test_training_learns_the_synthetic_head(tmp_path, head):
+    tracking, frames, masks = head
+    field = _field()
+    start = field.fit(frames, masks, tracking, tmp_path / "start.ckpt", iterations=0)
+    trained = field.fit(frames, masks, tracking, tmp_path / "trained.ckpt", iterations=60)
+    psnr0, alpha0 = _psnr_and_alpha_error(field, start, tracking, frames, masks)
+    psnr1, alpha1 = _psnr_and_alpha_error(field, trained, tracking, frames, masks)
+    assert psnr1 > psnr0 + 3.0, (psnr0, psnr1)
+    assert alpha1 < 0.7 * alpha0, (alpha0, alpha1)
+    assert trained.info["densified"] > 0 and trained.info["gaussians"] <= 1500
+
+
+# ---------------------------------------------------------------------------------------------- a whole run
+
+
+def test_run_end_to_end_with_the_gaussian_field(fakes_env, portrait_file, tmp_path, capsys):
+    from ophav_core.cli import main
+
+    out = tmp_path / "r"
+    argv = ["run", str(portrait_file), "--out", str(out), "--image2video", "fake", "--segmenter", "fake",
+            "--tracker", "fake", "--field", "gaussians", "--restorer", "fake", "--profile", "tiny",
+            "--device", "cpu", "-q", "--rounds", "1"]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0, capsys.readouterr().err
+    assert (out / "avatar/avatar.ckpt").is_file() and (out / "round1/avatar.ckpt").is_file()
+    raw = torch.load(out / "avatar/avatar.ckpt", weights_only=True)
+    assert raw["format"] == "ophav-gaussians" and raw["info"]["continued_from"]
+    with pytest.raises(SystemExit) as info:
+        main(["render", str(out / "avatar/avatar.ckpt"), "--views", "turntable", "--size", "32", "--out",
+              str(tmp_path / "turn.mp4"), "-q"])
+    assert info.value.code == 0, capsys.readouterr().err
+    assert (tmp_path / "turn.mp4").stat().st_size > 0
