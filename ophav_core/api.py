@@ -158,10 +158,8 @@ def preprocess(source: str | Path, out: str | Path, *, segmenter: str | None = N
     say(f"{len(frames)} frames at {frames.fps:g} fps from {source}")
     tracking = tracker_c.track(frames, source=str(source))
     masks = segmenter_c.segment(frames, tracking)
-    components = {
-        "tracker": {"name": tracker_spec.name, "package": tracker_spec.package, "version": tracker_spec.version},
-        "segmenter": {"name": segmenter_spec.name, "package": segmenter_spec.package, "version": segmenter_spec.version},
-    }
+    components = {stage: {"name": spec.name, "package": spec.package, "version": spec.version}
+                  for stage, spec in (("tracker", tracker_spec), ("segmenter", segmenter_spec))}
     if format == "insta":
         from ophav_core.media.insta_format import write_insta
 
@@ -194,9 +192,8 @@ def load_dataset(folder: str | Path, split: str = "train"):
 
     folder = Path(folder)
     if insta_format.is_insta_dataset(folder):
-        dataset = insta_format.read_insta(folder)
-        frames, masks, tracking = dataset.split(split)
-        return frames, masks, tracking, {**dataset.meta, "split": split}
+        dataset = insta_format.read_insta(folder, split=split)  # decodes that split's images only
+        return dataset.frames, dataset.masks, dataset.tracking, dataset.meta
     description = folder / "dataset.json"
     if not description.is_file():
         raise UsageError(f"{folder} is not an ophav dataset (no dataset.json, no transforms_train.json); make one "

@@ -60,6 +60,11 @@ def test_round_trip_keeps_frames_masks_meshes_and_cameras(tmp_path):
     assert data.splits["train"].tolist() == list(range(9))
     assert data.splits["test"].tolist() == [9, 10, 11] and data.splits["val"].tolist() == [9, 10, 11]
     assert data.held_out.tolist() == [9, 10, 11]
+    # Reading one split decodes its frames only; the tracking is the same (basis fitted over every split).
+    train = insta_format.read_insta(tmp_path / "insta", split="train")
+    assert np.array_equal(train.frames.frames, frames.frames[:9]) and len(train.tracking) == 9
+    assert np.array_equal(train.tracking.vertices, back.vertices[:9])
+    assert np.array_equal(train.tracking.expression_basis, back.expression_basis)
 
 
 def test_foreign_meshes_give_the_same_geometry_without_ophavs_sidecar(tmp_path):

@@ -62,6 +62,7 @@ SPLITS = ("train", "val", "test")
 FLIP = np.diag([1.0, -1.0, -1.0])  # ophav head axes <-> FLAME world axes (and OpenCV <-> OpenGL camera axes)
 UNITS = 100.0  # ophav head-space units (centimetres) per INSTA world unit (metres)
 RESIDUAL_COMPONENTS = 8
+PCA_FRAMES = 400
 VAL_FRAMES = 20  # INSTA's generator: val = the last 20 frames (inside test)
 MATTE_FOLDERS = ("masks", "alpha", "matted")
 SIDECAR = "ophav"
@@ -88,9 +89,7 @@ class InstaDataset:
     @property
     def held_out(self) -> np.ndarray:
         """The frames of val and test that train lacks (INSTA's val lies inside test)."""
-        train = set(self.splits["train"].tolist())
-        rest = sorted(set(self.splits["val"].tolist()) | set(self.splits["test"].tolist()))
-        return np.array([i for i in rest if i not in train], np.int64)
+        return self.splits["held_out"] if "held_out" in self.splits else held_out_frames(self.splits)
 
     def part(self, index: np.ndarray) -> tuple[FrameSet, MaskSet, Tracking]:
         """Frames, masks and tracking of the frames ``index`` (same camera, mesh and basis)."""
@@ -102,7 +101,18 @@ class InstaDataset:
 
     def split(self, name: str) -> tuple[FrameSet, MaskSet, Tracking]:
         """Frames, masks and tracking of the split ``name`` (``train``, ``val``, ``test`` or ``held_out``)."""
+        if name not in self.splits and name != "held_out":
+            raise UsageError(f"{self.meta.get('folder', 'the INSTA dataset')}: no {name} split here "
+                             f"(read: {', '.join(self.splits)})")
         return self.part(self.held_out if name == "held_out" else self.splits[name])
+
+
+def held_out_frames(splits: dict[str, np.ndarray]) -> np.ndarray:
+    """The frames of val and test that train lacks (indices of ``splits``)."""
+    empty = np.zeros(0, np.int64)
+    train = set(splits.get("train", empty).tolist())
+    rest = sorted(set(splits.get("val", empty).tolist()) | set(splits.get("test", empty).tolist()))
+    return np.array([i for i in rest if i not in train], np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- cameras
@@ -152,12 +162,13 @@ def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise UsageError(f"{path}: cannot read the mesh ({exc.strerror or exc})") from None
     for line in text.splitlines():
         if line.startswith("v "):
-            vertices.append(line.split()[1:4])
+            vertices.append(line[2:])
         elif line.startswith("f "):
             corner = [int(item.split("/")[0]) for item in line.split()[1:]]
             faces.extend([corner[0], corner[k], corner[k + 1]] for k in range(1, len(corner) - 1))
-    try:
-        verts = np.array(vertices, np.float64).reshape(-1, 3)
+    try:  # one parse of every vertex line (x y z, maybe followed by a colour)
+        rows = [row.split() for row in vertices]
+        verts = np.array([row[:3] for row in rows], np.float64).reshape(-1, 3)
     except ValueError:
         raise UsageError(f"{path}: a vertex line does not hold three numbers") from None
     tri = np.array(faces, np.int64).reshape(-1, 3)
@@ -329,7 +340,11 @@ def fit_expression_basis(offsets: np.ndarray, coefficients: np.ndarray | None,
         bases.append(basis)
         flat = flat - coefficients @ basis
     if components and n > 1:
-        _, sing, vt = np.linalg.svd(flat, full_matrices=False)
+        # The directions from at most PCA_FRAMES frames spread over the sequence (an SVD of thousands of FLAME
+        # meshes is slow and adds little); every frame's scores are then projected onto them.
+        sample = flat[np.unique(np.linspace(0, n - 1, min(n, PCA_FRAMES)).round().astype(int))]
+        _, sing, vt = np.linalg.svd(sample, full_matrices=False)
+        sing = sing * math.sqrt(n / len(sample))
         keep = int(min(components, (sing > max(floor, 1e-9)).sum()))
         if keep:
             scores = flat @ vt[:keep].T
@@ -342,30 +357,34 @@ def fit_expression_basis(offsets: np.ndarray, coefficients: np.ndarray | None,
     return expression, np.concatenate(bases, axis=0).reshape(-1, v, 3).astype(np.float32)
 
 
-def read_insta(folder: str | os.PathLike, units: float | None = None) -> InstaDataset:
+def read_insta(folder: str | os.PathLike, units: float | None = None, split: str | None = None) -> InstaDataset:
     """Read an INSTA-format folder: every frame of the three splits (once, in frame order), its images and mattes,
-    meshes, expressions and cameras, as ophav's FrameSet, MaskSet and Tracking. Malformed folders raise a one-line
-    UsageError naming the file."""
+    meshes, expressions and cameras, as ophav's FrameSet, MaskSet and Tracking. ``split`` (``train``, ``val``,
+    ``test`` or ``held_out``) keeps that split's frames only and decodes only their images; the tracking's canonical
+    mesh and expression basis are fitted over every frame either way, so the splits share them. Malformed folders
+    raise a one-line UsageError naming the file."""
+    if split is not None and split not in (*SPLITS, "held_out"):
+        raise UsageError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)} or held_out")
     folder = Path(folder)
-    split_data = {split: _load_split(folder, split) for split in SPLITS}
+    split_data = {name: _load_split(folder, name) for name in SPLITS}
     sidecar, sidecar_meta = _read_sidecar(folder)
     units = float(sidecar_meta.get("units", UNITS) if units is None else units)
     entries: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     members: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for split, data in split_data.items():
+    for name, data in split_data.items():
         for k, frame in enumerate(data["frames"]):
-            where = f"{folder / f'transforms_{split}.json'} frame {k}"
+            where = f"{folder / f'transforms_{name}.json'} frame {k}"
             if not isinstance(frame, dict) or "file_path" not in frame:
                 raise UsageError(f"{where}: no file_path")
             key = str(frame["file_path"])
             entries.setdefault(key, (frame, data))
-            members[split].append(key)
+            members[name].append(key)
     if not members["train"]:
         raise UsageError(f"{folder / 'transforms_train.json'}: no training frames")
     order = sorted(entries, key=lambda k: _natural_key(str(entries[k][0].get("mesh_path", k))))
     position = {key: i for i, key in enumerate(order)}
 
-    images, mattes, c2w, meshes, exps, intrinsics, names = [], [], [], [], [], [], []
+    image_paths, c2w, meshes, exps, intrinsics, names = [], [], [], [], [], []
     faces = None
     for key in order:
         frame, data = entries[key]
@@ -374,6 +393,7 @@ def read_insta(folder: str | os.PathLike, units: float | None = None) -> InstaDa
         if image_path is None:
             raise UsageError(f"{where}: the image {folder / key} does not exist (a frame without an image)")
         names.append(image_path.stem)
+        image_paths.append(image_path)
         intrinsics.append(_intrinsics(data, frame, where))
         c2w.append(_frame_matrix(frame, where))
         if "mesh_path" not in frame:
@@ -395,13 +415,6 @@ def read_insta(folder: str | os.PathLike, units: float | None = None) -> InstaDa
             raise UsageError(f"{where}: the expression file {folder / str(frame['exp_path'])} does not exist")
         else:
             exps.append(None)
-        picture, matte = _image_and_matte(folder, image_path)
-        fl_x, fl_y, cx, cy, w, h = intrinsics[-1]
-        if picture.shape[:2] != (int(round(h)), int(round(w))):
-            raise UsageError(f"{image_path}: the image is {picture.shape[1]}x{picture.shape[0]}, the transforms file "
-                             f"says {w:g}x{h:g}")
-        images.append(picture)
-        mattes.append(matte)
 
     camera = np.array(intrinsics)
     if not np.allclose(camera, camera[0], rtol=1e-6, atol=1e-6):
@@ -433,14 +446,29 @@ def read_insta(folder: str | os.PathLike, units: float | None = None) -> InstaDa
     else:
         tracking = _tracking_from_meshes(folder, K, (w, h), rotation, translation, coefficients, vertices, unposed,
                                          faces, units)
-    fps = float(sidecar_meta.get("fps", 25.0))
-    frames = FrameSet(np.stack(images), fps=fps)
-    masks = MaskSet(np.stack(mattes))
-    splits = {split: np.array([position[k] for k in members[split]], np.int64) for split in SPLITS}
+    splits = {name: np.array([position[k] for k in members[name]], np.int64) for name in SPLITS}
     meta = {"kind": "insta", "folder": str(folder), "units": units, "frames": len(order),
             "splits": {s: len(v) for s, v in splits.items()}, **{k: v for k, v in sidecar_meta.items()
                                                                   if k not in ("units", "fps")}}
     meta.setdefault("tracker", {"name": None, "source": "INSTA format (metrical-tracker)"})
+    keep = np.arange(len(order))
+    if split is not None:
+        keep = held_out_frames(splits) if split == "held_out" else splits[split]
+        if not len(keep):
+            raise UsageError(f"{folder}: the {split} split has no frames")
+        tracking = tracking.subset(keep)
+        splits = {split: np.arange(len(keep))}
+        names = [names[i] for i in keep]
+        meta["split"] = split
+    pictures = []
+    for i in keep:
+        picture, matte = _image_and_matte(folder, image_paths[i])
+        if picture.shape[:2] != (int(round(h)), int(round(w))):
+            raise UsageError(f"{image_paths[i]}: the image is {picture.shape[1]}x{picture.shape[0]}, the transforms "
+                             f"file says {w:g}x{h:g}")
+        pictures.append((picture, matte))
+    frames = FrameSet(np.stack([p for p, _ in pictures]), fps=float(sidecar_meta.get("fps", 25.0)))
+    masks = MaskSet(np.stack([m for _, m in pictures]))
     return InstaDataset(frames, masks, tracking, splits, names, meta)
 
 
@@ -545,6 +573,6 @@ def write_insta(folder: str | os.PathLike, frames: FrameSet, masks: MaskSet, tra
     return folder
 
 
-__all__ = ["FLIP", "InstaDataset", "SPLITS", "UNITS", "camera_from_pose", "fit_expression_basis", "insta_splits",
-           "intrinsics_from_insta", "intrinsics_to_insta", "is_insta_dataset", "obj_text", "pose_from_camera",
-           "read_insta", "read_obj", "write_insta"]
+__all__ = ["FLIP", "InstaDataset", "SPLITS", "UNITS", "camera_from_pose", "fit_expression_basis", "held_out_frames",
+           "insta_splits", "intrinsics_from_insta", "intrinsics_to_insta", "is_insta_dataset", "obj_text",
+           "pose_from_camera", "read_insta", "read_obj", "write_insta"]

@@ -469,9 +469,8 @@ def load_reference(folder: Path) -> tuple[FrameSet, MaskSet, Tracking, dict[str,
 
     folder = Path(folder)
     if insta_format.is_insta_dataset(folder):
-        dataset = insta_format.read_insta(folder)
-        frames, masks, tracking = dataset.split("held_out")
-        return frames, masks, tracking, {**dataset.meta, "split": "held_out"}
+        dataset = insta_format.read_insta(folder, split="held_out")
+        return dataset.frames, dataset.masks, dataset.tracking, dataset.meta
     if (folder / "dataset.json").is_file():
         meta = json.loads((folder / "dataset.json").read_text())
         names, kind = ("frames.npz", "masks.npz", "tracking.npz"), "dataset"
