@@ -21,6 +21,8 @@ Runs under ``TRITON_INTERPRET=1`` on the CPU too (how the tests check it without
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,24 +35,41 @@ ALPHA_MAX = tl.constexpr(projection.ALPHA_MAX)
 ALPHA_MIN = tl.constexpr(projection.ALPHA_MIN)
 TRANSMITTANCE_MIN = tl.constexpr(projection.TRANSMITTANCE_MIN)
 
-# Gaussians per step of a tile's list, and warps per tile program (256 pixel lanes). Module attributes so a
-# benchmark can sweep them.
-CHUNK = 16
-NUM_WARPS = 8
+
+
+@dataclass
+class KernelConfig:
+    """One program composites ``rows`` rows of a 16-pixel-wide tile (16 * rows pixel lanes) and walks the tile's
+    list ``chunk`` Gaussians at a time. Per-pixel values are replicated across the lanes that share a pixel
+    row of the (pixels, chunk) blocks, so register use grows with rows * chunk / warps; the defaults were
+    chosen from ptxas's register counts for sm_90 (no spills) until measured on the GPU."""
+
+    rows: int = 8
+    chunk: int = 16
+    warps: int = 4
+
+
+# Module attributes so that a benchmark can sweep them.
+FORWARD = KernelConfig(rows=8, chunk=16, warps=4)
+BACKWARD = KernelConfig(rows=4, chunk=16, warps=4)
 
 
 @triton.jit
-def _pixel_setup(tile, tiles_x, width, height, TILE: tl.constexpr):
-    pix = tl.arange(0, TILE * TILE)
+def _pixel_setup(block, tiles_x, width, height, TILE: tl.constexpr, ROWS: tl.constexpr):
+    """Tile of program ``block`` (one of TILE // ROWS row bands of a tile) and its pixels."""
+    tile = block // (TILE // ROWS)
+    band = block % (TILE // ROWS)
+    pix = tl.arange(0, TILE * ROWS)
     px = (tile % tiles_x) * TILE + pix % TILE
-    py = (tile // tiles_x) * TILE + pix // TILE
+    py = (tile // tiles_x) * TILE + band * ROWS + pix // TILE
     inside = (px < width) & (py < height)
-    return px, py, inside, px.to(tl.float32) + 0.5, py.to(tl.float32) + 0.5
+    return tile, px, py, inside, px.to(tl.float32) + 0.5, py.to(tl.float32) + 0.5
 
 
 @triton.jit
 def _chunk_alpha(idx, end, ids_ptr, means2d_ptr, conics_ptr, opacities_ptr, num_gaussians, cx, cy):
-    """Gaussian ids of a chunk and, per (pixel, Gaussian), the offsets, exp(power), unclamped and clamped alpha."""
+    """A chunk's Gaussian ids, conics and opacities and, per (pixel, Gaussian), the offsets, the unclamped and
+    clamped alpha and whether the Gaussian counts at all (alpha >= 1/255)."""
     in_list = idx < end
     gid = tl.load(ids_ptr + idx, mask=in_list, other=0)
     mx = tl.load(means2d_ptr + gid * 2, mask=in_list, other=0.0)
@@ -62,56 +81,64 @@ def _chunk_alpha(idx, end, ids_ptr, means2d_ptr, conics_ptr, opacities_ptr, num_
     dx = mx[None, :] - cx[:, None]
     dy = my[None, :] - cy[:, None]
     power = -0.5 * (ca[None, :] * dx * dx + cc[None, :] * dy * dy) - cb[None, :] * dx * dy
-    gauss = tl.exp(power)
-    raw = opacity[None, :] * gauss
+    raw = opacity[None, :] * tl.exp(power)
     alpha = tl.minimum(raw, ALPHA_MAX)
     usable = (power <= 0.0) & (alpha >= ALPHA_MIN) & in_list[None, :]
-    return in_list, gid, dx, dy, ca, cb, cc, gauss, raw, alpha, usable
+    return in_list, gid, dx, dy, ca, cb, cc, opacity, raw, alpha, usable
 
 
 @triton.jit
-def _column(matrix, channel, c):
-    """Column c of a (pixels, channels) block."""
-    return tl.sum(tl.where(channel[None, :] == c, matrix, 0.0), axis=1)
+def _chunk_features(features_ptr, gid, in_list):
+    """The chunk's four feature channels (colour, then camera depth)."""
+    f0 = tl.load(features_ptr + gid * 4, mask=in_list, other=0.0)
+    f1 = tl.load(features_ptr + gid * 4 + 1, mask=in_list, other=0.0)
+    f2 = tl.load(features_ptr + gid * 4 + 2, mask=in_list, other=0.0)
+    f3 = tl.load(features_ptr + gid * 4 + 3, mask=in_list, other=0.0)
+    return f0, f1, f2, f3
 
 
 @triton.jit
 def _forward_kernel(means2d_ptr, conics_ptr, opacities_ptr, features_ptr, ranges_ptr, ids_ptr,
                     out_features_ptr, out_trans_ptr, out_last_ptr, num_gaussians, width, height, tiles_x,
-                    tiles_per_image, C: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr):
-    tile = tl.program_id(0)
+                    tiles_per_image, TILE: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     cam = tl.program_id(1)
+    tile, px, py, inside, cx, cy = _pixel_setup(tl.program_id(0), tiles_x, width, height, TILE, ROWS)
     start = tl.load(ranges_ptr + cam * tiles_per_image + tile)
     end = tl.load(ranges_ptr + cam * tiles_per_image + tile + 1)
-    px, py, inside, cx, cy = _pixel_setup(tile, tiles_x, width, height, TILE)
-    channel = tl.arange(0, CP)
     lane = tl.arange(0, CHUNK)
-    trans = tl.full((TILE * TILE,), 1.0, tl.float32)
+    trans = tl.full((TILE * ROWS,), 1.0, tl.float32)
     done = inside == 0  # pixels past the image edge never composite
-    last = tl.zeros((TILE * TILE,), tl.int32)
-    acc = tl.zeros((TILE * TILE, CP), tl.float32)
+    last = tl.zeros((TILE * ROWS,), tl.int32)
+    acc0 = tl.zeros((TILE * ROWS,), tl.float32)
+    acc1 = tl.zeros((TILE * ROWS,), tl.float32)
+    acc2 = tl.zeros((TILE * ROWS,), tl.float32)
+    acc3 = tl.zeros((TILE * ROWS,), tl.float32)
     alive = tl.sum(inside.to(tl.int32))
     i0 = start
     while (i0 < end) & (alive > 0):
         idx = i0 + lane
-        in_list, gid, dx, dy, ca, cb, cc, gauss, raw, alpha, usable = _chunk_alpha(
+        in_list, gid, dx, dy, ca, cb, cc, opacity, raw, alpha, usable = _chunk_alpha(
             idx, end, ids_ptr, means2d_ptr, conics_ptr, opacities_ptr, num_gaussians, cx, cy)
         usable = usable & (done == 0)[:, None]
         alpha = tl.where(usable, alpha, 0.0)
         after = trans[:, None] * tl.cumprod(1.0 - alpha, axis=1)
         kept = usable & (after >= TRANSMITTANCE_MIN)
         weight = tl.where(kept, alpha * (after / (1.0 - alpha)), 0.0)
-        for c in tl.static_range(C):
-            feature = tl.load(features_ptr + gid * C + c, mask=in_list, other=0.0)
-            acc += tl.where(channel[None, :] == c, tl.sum(weight * feature[None, :], axis=1)[:, None], 0.0)
+        f0, f1, f2, f3 = _chunk_features(features_ptr, gid, in_list)
+        acc0 += tl.sum(weight * f0[None, :], axis=1)
+        acc1 += tl.sum(weight * f1[None, :], axis=1)
+        acc2 += tl.sum(weight * f2[None, :], axis=1)
+        acc3 += tl.sum(weight * f3[None, :], axis=1)
         trans = tl.min(tl.where(kept, after, trans[:, None]), axis=1)
         done = done | (tl.max((usable & (kept == 0)).to(tl.int32), axis=1) > 0)
         last = tl.maximum(last, tl.max(tl.where(kept, idx[None, :] + 1, 0), axis=1))
         alive = tl.sum((done == 0).to(tl.int32))
         i0 += CHUNK
     pixel = (cam * height + py) * width + px
-    tl.store(out_features_ptr + pixel[:, None] * C + channel[None, :], acc,
-             mask=inside[:, None] & (channel[None, :] < C))
+    tl.store(out_features_ptr + pixel * 4, acc0, mask=inside)
+    tl.store(out_features_ptr + pixel * 4 + 1, acc1, mask=inside)
+    tl.store(out_features_ptr + pixel * 4 + 2, acc2, mask=inside)
+    tl.store(out_features_ptr + pixel * 4 + 3, acc3, mask=inside)
     tl.store(out_trans_ptr + pixel, trans, mask=inside)
     tl.store(out_last_ptr + pixel, last, mask=inside)
 
@@ -120,60 +147,74 @@ def _forward_kernel(means2d_ptr, conics_ptr, opacities_ptr, features_ptr, ranges
 def _backward_kernel(means2d_ptr, conics_ptr, opacities_ptr, features_ptr, ranges_ptr, ids_ptr,
                      out_features_ptr, out_trans_ptr, out_last_ptr, grad_features_ptr, grad_trans_ptr,
                      grad_means2d_ptr, grad_conics_ptr, grad_opacities_ptr, grad_gauss_features_ptr,
-                     num_gaussians, width, height, tiles_x, tiles_per_image,
-                     C: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, CHUNK: tl.constexpr):
-    tile = tl.program_id(0)
+                     num_gaussians, width, height, tiles_x, tiles_per_image, TILE: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     cam = tl.program_id(1)
+    tile, px, py, inside, cx, cy = _pixel_setup(tl.program_id(0), tiles_x, width, height, TILE, ROWS)
     start = tl.load(ranges_ptr + cam * tiles_per_image + tile)
     end = tl.load(ranges_ptr + cam * tiles_per_image + tile + 1)
-    px, py, inside, cx, cy = _pixel_setup(tile, tiles_x, width, height, TILE)
-    channel = tl.arange(0, CP)
     lane = tl.arange(0, CHUNK)
     pixel = (cam * height + py) * width + px
-    block = pixel[:, None] * C + channel[None, :]
-    block_mask = inside[:, None] & (channel[None, :] < C)
-    grad_out = tl.load(grad_features_ptr + block, mask=block_mask, other=0.0)
-    final = tl.load(out_features_ptr + block, mask=block_mask, other=0.0)
+    g0 = tl.load(grad_features_ptr + pixel * 4, mask=inside, other=0.0)
+    g1 = tl.load(grad_features_ptr + pixel * 4 + 1, mask=inside, other=0.0)
+    g2 = tl.load(grad_features_ptr + pixel * 4 + 2, mask=inside, other=0.0)
+    g3 = tl.load(grad_features_ptr + pixel * 4 + 3, mask=inside, other=0.0)
+    # Only the projection of the features on the pixel's output gradient matters for dL/dalpha:
+    # sum_c g_c * (T_i f_ic - (colour behind i)_c / (1 - alpha_i)), so one scalar per (pixel, Gaussian).
+    final_projected = (g0 * tl.load(out_features_ptr + pixel * 4, mask=inside, other=0.0)
+                       + g1 * tl.load(out_features_ptr + pixel * 4 + 1, mask=inside, other=0.0)
+                       + g2 * tl.load(out_features_ptr + pixel * 4 + 2, mask=inside, other=0.0)
+                       + g3 * tl.load(out_features_ptr + pixel * 4 + 3, mask=inside, other=0.0))
     final_trans = tl.load(out_trans_ptr + pixel, mask=inside, other=1.0)
     grad_trans = tl.load(grad_trans_ptr + pixel, mask=inside, other=0.0)
     last = tl.load(out_last_ptr + pixel, mask=inside, other=0)
-    # dL/dalpha of a Gaussian through the final transmittance: -grad_T * T_final / (1 - alpha).
-    trans_term = grad_trans * final_trans
+    # The final transmittance's share of dL/dalpha_i is -grad_T * T_final / (1 - alpha_i); it enters below
+    # beside the colour behind, both divided by (1 - alpha_i).
+    behind_all = final_projected + grad_trans * final_trans
     stop = tl.minimum(tl.max(last), end)
-    trans = tl.full((TILE * TILE,), 1.0, tl.float32)
-    prefix = tl.zeros((TILE * TILE, CP), tl.float32)
+    trans = tl.full((TILE * ROWS,), 1.0, tl.float32)
+    done_projected = tl.zeros((TILE * ROWS,), tl.float32)  # sum of w_j (g . f_j) over the chunks before
     i0 = start
     while i0 < stop:
         idx = i0 + lane
-        in_list, gid, dx, dy, ca, cb, cc, gauss, raw, alpha, usable = _chunk_alpha(
+        in_list, gid, dx, dy, ca, cb, cc, opacity, raw, alpha, usable = _chunk_alpha(
             idx, end, ids_ptr, means2d_ptr, conics_ptr, opacities_ptr, num_gaussians, cx, cy)
         kept = usable & (idx[None, :] < last[:, None])
         alpha = tl.where(kept, alpha, 0.0)
-        after = trans[:, None] * tl.cumprod(1.0 - alpha, axis=1)
         one_minus = 1.0 - alpha
+        after = trans[:, None] * tl.cumprod(one_minus, axis=1)
         before = after / one_minus
         weight = alpha * before
-        grad_alpha = -trans_term[:, None] / one_minus
-        for c in tl.static_range(C):
-            feature = tl.load(features_ptr + gid * C + c, mask=in_list, other=0.0)
-            weighted = weight * feature[None, :]
-            grad_c = _column(grad_out, channel, c)
-            behind = (_column(final, channel, c) - _column(prefix, channel, c))[:, None] - tl.cumsum(weighted, axis=1)
-            grad_alpha += grad_c[:, None] * (before * feature[None, :] - behind / one_minus)
-            tl.atomic_add(grad_gauss_features_ptr + gid * C + c, tl.sum(weight * grad_c[:, None], axis=0),
-                          mask=in_list)
-            prefix += tl.where(channel[None, :] == c, tl.sum(weighted, axis=1)[:, None], 0.0)
-        # alpha = min(raw, 0.99): no gradient where the clamp is active (as autograd's clamp).
-        grad_raw = tl.where(kept & (raw <= ALPHA_MAX), grad_alpha, 0.0)
-        grad_power = grad_raw * raw
-        tl.atomic_add(grad_opacities_ptr + gid % num_gaussians, tl.sum(grad_raw * gauss, axis=0), mask=in_list)
-        tl.atomic_add(grad_means2d_ptr + gid * 2,
-                      tl.sum(-grad_power * (ca[None, :] * dx + cb[None, :] * dy), axis=0), mask=in_list)
-        tl.atomic_add(grad_means2d_ptr + gid * 2 + 1,
-                      tl.sum(-grad_power * (cb[None, :] * dx + cc[None, :] * dy), axis=0), mask=in_list)
-        tl.atomic_add(grad_conics_ptr + gid * 3, tl.sum(-0.5 * grad_power * dx * dx, axis=0), mask=in_list)
-        tl.atomic_add(grad_conics_ptr + gid * 3 + 1, tl.sum(-grad_power * dx * dy, axis=0), mask=in_list)
-        tl.atomic_add(grad_conics_ptr + gid * 3 + 2, tl.sum(-0.5 * grad_power * dy * dy, axis=0), mask=in_list)
+        f0, f1, f2, f3 = _chunk_features(features_ptr, gid, in_list)
+        projected = g0[:, None] * f0[None, :] + g1[:, None] * f1[None, :] + g2[:, None] * f2[None, :] \
+            + g3[:, None] * f3[None, :]
+        weighted = weight * projected
+        behind = (behind_all - done_projected)[:, None] - tl.cumsum(weighted, axis=1)
+        grad_alpha = before * projected - behind / one_minus
+        done_projected += tl.sum(weighted, axis=1)
+        # alpha = min(raw, 0.99): no gradient where the clamp is active (as autograd's clamp). With
+        # raw = opacity * exp(power): dL/dpower = dL/draw * raw, dL/dopacity = sum(dL/dpower) / opacity
+        # (visible Gaussians have opacity > 1/255), and the mean and conic gradients are combinations of five
+        # pixel sums, which keeps fewer (pixel, Gaussian) blocks alive than summing each gradient directly.
+        grad_power = tl.where(kept & (raw <= ALPHA_MAX), grad_alpha * raw, 0.0)
+        gp_dx = grad_power * dx
+        gp_dy = grad_power * dy
+        sum_gp = tl.sum(grad_power, axis=0)
+        sum_dx = tl.sum(gp_dx, axis=0)
+        sum_dy = tl.sum(gp_dy, axis=0)
+        sum_dxdx = tl.sum(gp_dx * dx, axis=0)
+        sum_dxdy = tl.sum(gp_dx * dy, axis=0)
+        sum_dydy = tl.sum(gp_dy * dy, axis=0)
+        tl.atomic_add(grad_gauss_features_ptr + gid * 4, tl.sum(weight * g0[:, None], axis=0), mask=in_list)
+        tl.atomic_add(grad_gauss_features_ptr + gid * 4 + 1, tl.sum(weight * g1[:, None], axis=0), mask=in_list)
+        tl.atomic_add(grad_gauss_features_ptr + gid * 4 + 2, tl.sum(weight * g2[:, None], axis=0), mask=in_list)
+        tl.atomic_add(grad_gauss_features_ptr + gid * 4 + 3, tl.sum(weight * g3[:, None], axis=0), mask=in_list)
+        tl.atomic_add(grad_opacities_ptr + gid % num_gaussians, sum_gp / tl.where(in_list, opacity, 1.0),
+                      mask=in_list)
+        tl.atomic_add(grad_means2d_ptr + gid * 2, -(ca * sum_dx + cb * sum_dy), mask=in_list)
+        tl.atomic_add(grad_means2d_ptr + gid * 2 + 1, -(cb * sum_dx + cc * sum_dy), mask=in_list)
+        tl.atomic_add(grad_conics_ptr + gid * 3, -0.5 * sum_dxdx, mask=in_list)
+        tl.atomic_add(grad_conics_ptr + gid * 3 + 1, -sum_dxdy, mask=in_list)
+        tl.atomic_add(grad_conics_ptr + gid * 3 + 2, -0.5 * sum_dydy, mask=in_list)
         trans = tl.min(tl.where(kept, after, trans[:, None]), axis=1)
         i0 += CHUNK
 
@@ -186,40 +227,43 @@ class _RasterizeTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, opacities, features, ranges, ids, width, height, tiles_x):
         batch, num = means2d.shape[:2]
-        channels = features.shape[-1]
+        if features.shape[-1] != 4:
+            raise ValueError(f"the triton kernels composite 4 channels (RGB + depth), got {features.shape[-1]}")
         device = means2d.device
         args = (_f32(means2d), _f32(conics), _f32(opacities), _f32(features), ranges.contiguous(),
                 ids if ids.numel() else torch.zeros(1, dtype=torch.int32, device=device))
-        out_features = torch.empty(batch, height, width, channels, device=device, dtype=torch.float32)
+        out_features = torch.empty(batch, height, width, 4, device=device, dtype=torch.float32)
         out_trans = torch.empty(batch, height, width, device=device, dtype=torch.float32)
         out_last = torch.empty(batch, height, width, device=device, dtype=torch.int32)
         tiles_per_image = (ranges.numel() - 1) // batch
-        consts = dict(C=channels, CP=triton.next_power_of_2(channels), TILE=TILE, CHUNK=CHUNK)
-        _forward_kernel[(tiles_per_image, batch)](*args, out_features, out_trans, out_last, num, width, height,
-                                                  tiles_x, tiles_per_image, num_warps=NUM_WARPS, **consts)
+        config = FORWARD
+        grid = (tiles_per_image * (TILE // config.rows), batch)
+        _forward_kernel[grid](*args, out_features, out_trans, out_last, num, width, height, tiles_x,
+                              tiles_per_image, TILE=TILE, ROWS=config.rows, CHUNK=config.chunk,
+                              num_warps=config.warps)
         ctx.save_for_backward(*args, out_features, out_trans, out_last)
-        ctx.meta = (batch, num, width, height, tiles_x, tiles_per_image, consts, CHUNK, NUM_WARPS)
+        ctx.meta = (batch, num, width, height, tiles_x, tiles_per_image)
         ctx.dtypes = (means2d.dtype, conics.dtype, opacities.dtype, features.dtype)
         return out_features.to(features.dtype), out_trans.to(features.dtype)
 
     @staticmethod
     def backward(ctx, grad_features, grad_trans):
         saved = ctx.saved_tensors
-        means2d = saved[0]
-        batch, num, width, height, tiles_x, tiles_per_image, consts, _, warps = ctx.meta
-        device = means2d.device
-        channels = consts["C"]
+        batch, num, width, height, tiles_x, tiles_per_image = ctx.meta
+        device = saved[0].device
         if grad_features is None:
-            grad_features = torch.zeros(batch, height, width, channels, device=device)
+            grad_features = torch.zeros(batch, height, width, 4, device=device)
         if grad_trans is None:
             grad_trans = torch.zeros(batch, height, width, device=device)
         grad_means2d = torch.zeros(batch, num, 2, device=device)
         grad_conics = torch.zeros(batch, num, 3, device=device)
         grad_opacities = torch.zeros(num, device=device)
-        grad_gauss_features = torch.zeros(batch, num, channels, device=device)
-        _backward_kernel[(tiles_per_image, batch)](
-            *saved, _f32(grad_features), _f32(grad_trans), grad_means2d, grad_conics, grad_opacities,
-            grad_gauss_features, num, width, height, tiles_x, tiles_per_image, num_warps=warps, **consts)
+        grad_gauss_features = torch.zeros(batch, num, 4, device=device)
+        config = BACKWARD
+        grid = (tiles_per_image * (TILE // config.rows), batch)
+        _backward_kernel[grid](*saved, _f32(grad_features), _f32(grad_trans), grad_means2d, grad_conics,
+                               grad_opacities, grad_gauss_features, num, width, height, tiles_x, tiles_per_image,
+                               TILE=TILE, ROWS=config.rows, CHUNK=config.chunk, num_warps=config.warps)
         dm, dc, do, df = ctx.dtypes
         return (grad_means2d.to(dm), grad_conics.to(dc), grad_opacities.to(do), grad_gauss_features.to(df),
                 None, None, None, None, None)
