@@ -155,29 +155,50 @@ def intrinsics_to_insta(K: np.ndarray, size: tuple[int, int]) -> dict[str, float
 def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Vertices (V, 3) float64 and triangles (F, 3) int32 of a Wavefront obj (polygons fanned into triangles;
     texture and normal indices ignored)."""
-    vertices, faces = [], []
     try:
         text = Path(path).read_text(errors="replace")
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the mesh ({exc.strerror or exc})") from None
-    for line in text.splitlines():
-        if line.startswith("v "):
-            vertices.append(line[2:])
-        elif line.startswith("f "):
-            corner = [int(item.split("/")[0]) for item in line.split()[1:]]
-            faces.extend([corner[0], corner[k], corner[k + 1]] for k in range(1, len(corner) - 1))
-    try:  # one parse of every vertex line (x y z, maybe followed by a colour)
-        rows = [row.split() for row in vertices]
-        verts = np.array([row[:3] for row in rows], np.float64).reshape(-1, 3)
+    lines = text.splitlines()
+    vertex_lines = [line[2:] for line in lines if line.startswith("v ")]
+    face_lines = [line[2:] for line in lines if line.startswith("f ")]
+    try:
+        numbers = np.array(" ".join(vertex_lines).split(), np.float64)  # fast path: exactly x y z per line
+        if numbers.size != 3 * len(vertex_lines):  # x y z followed by a colour, or a short line
+            numbers = np.array([row.split()[:3] for row in vertex_lines], np.float64)
+        verts = numbers.reshape(-1, 3)
     except ValueError:
         raise UsageError(f"{path}: a vertex line does not hold three numbers") from None
-    tri = np.array(faces, np.int64).reshape(-1, 3)
+    try:
+        tri = _obj_faces(face_lines)
+    except ValueError:
+        raise UsageError(f"{path}: a face line does not hold vertex numbers") from None
     if not len(verts) or not len(tri):
         raise UsageError(f"{path}: not a triangle mesh ({len(verts)} vertices, {len(tri)} faces)")
     tri = np.where(tri < 0, tri + len(verts), tri - 1)  # obj indices are 1-based; negative ones count back
     if tri.min() < 0 or tri.max() >= len(verts):
         raise UsageError(f"{path}: a face refers to a vertex beyond its {len(verts)} vertices")
     return verts, tri.astype(np.int32)
+
+
+def _obj_faces(face_lines: list[str]) -> np.ndarray:
+    joined = " ".join(face_lines)
+    if "/" not in joined:  # fast path: triangles without texture or normal indices
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns (later: raises) where the text is not all numbers
+            try:
+                corners = np.fromstring(joined, dtype=np.int64, sep=" ")
+            except (ValueError, DeprecationWarning):
+                corners = None
+        if corners is not None and corners.size == 3 * len(face_lines):
+            return corners.reshape(-1, 3)
+    faces = []
+    for line in face_lines:
+        corner = [int(item.split("/")[0]) for item in line.split()]
+        faces.extend([corner[0], corner[k], corner[k + 1]] for k in range(1, len(corner) - 1))
+    return np.array(faces, np.int64).reshape(-1, 3)
 
 
 def obj_text(vertices: np.ndarray, faces: np.ndarray) -> str:
