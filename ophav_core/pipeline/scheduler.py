@@ -42,6 +42,18 @@ STOP_POINTS = {"portrait": "portrait", "image2video": "image2video", "track": "t
                "segment": "segment", "segmenter": "segment", "fit": "fit", "field": "fit"}
 
 
+def _may_have_a_gpu() -> bool:
+    """False only where a GPU certainly is absent: a Linux machine with no NVIDIA, AMD (ROCm) or WSL2 GPU
+    device node. Asking torch costs seconds of import (4-5 s on a 2-core laptop), which a CPU-only preprocess
+    would otherwise pay for nothing."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(Path(p).exists() for p in (
+        "/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg"))  # dxg: WSL2
+
+
 def resolve_device(device: str) -> str:
     if device != "auto":
         if device == "cuda":
@@ -52,7 +64,7 @@ def resolve_device(device: str) -> str:
         return device
     import importlib.util
 
-    if importlib.util.find_spec("torch") is None:
+    if importlib.util.find_spec("torch") is None or not _may_have_a_gpu():
         return "cpu"
     import torch
 

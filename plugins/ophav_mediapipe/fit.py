@@ -122,10 +122,15 @@ def region_modes(laplacian: np.ndarray, region: np.ndarray, count: int) -> np.nd
     deformation patterns (a bump, a left/right tilt, an up/down split...) that fade to zero at the border.
     Across a hole of the mesh (the mouth, the eyes) neighbouring vertices are far apart on the graph, so the
     modes can move the lips or lids apart."""
+    from scipy.linalg import eigh
+
     idx = np.nonzero(region)[0]
-    _, vecs = np.linalg.eigh(laplacian[np.ix_(idx, idx)])
-    out = np.zeros((count, len(region)))
     k = min(count, len(idx))
+    # Only the k lowest eigenpairs (LAPACK's subset driver): 4-10x faster than all of them for k << V.
+    _, vecs = eigh(laplacian[np.ix_(idx, idx)], subset_by_index=[0, k - 1])
+    # An eigenvector's sign is arbitrary (it differs between LAPACK drivers): its largest entry is made positive.
+    vecs = vecs * np.sign(vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])])
+    out = np.zeros((count, len(region)))
     out[:k, idx] = vecs[:, :k].T
     return out
 
