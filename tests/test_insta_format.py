@@ -274,6 +274,8 @@ def _broken(tmp_path: Path, how: str) -> Path:
         verts, faces = insta_format.read_obj(folder / "meshes" / "00003.obj")
         kept = faces[faces.max(axis=1) < len(verts) - 2]
         (folder / "meshes" / "00003.obj").write_text(insta_format.obj_text(verts[:-2], kept))
+    elif how == "frame without mesh":
+        (folder / "meshes" / "00004.obj").unlink()
     elif how == "frame without image":
         (folder / "images" / "00002.png").unlink()
     elif how == "frame without matte":
@@ -287,6 +289,7 @@ def _broken(tmp_path: Path, how: str) -> Path:
 @pytest.mark.parametrize("how, words", [
     ("missing split", ("transforms_val.json is missing",)),
     ("mesh mismatch", ("00003.obj", "mesh mismatch", "vertices")),
+    ("frame without mesh", ("meshes/00004.obj", "does not exist")),
     ("frame without image", ("images/00002.png", "does not exist", "without an image")),
     ("frame without matte", ("00001.png", "no matte",)),
 ])
