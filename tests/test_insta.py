@@ -727,10 +727,11 @@ def test_training_learns_the_synthetic_head(tmp_path, head):
     assert psnr1 > psnr0 + 5.0, (psnr0, psnr1)
     assert alpha1 < 0.6 * alpha0, (alpha0, alpha1)
     assert trained.info["psnr"] > 15 and trained.info["occupied_fraction"] < 1.0
-    # Renders skip samples whose canonical point is in an empty voxel and dilate the occupancy per frame; the
-    # image is the one every sample gives (empty voxels hold densities below the occupancy threshold).
+    # Renders skip samples whose canonical point is in an empty voxel, dilate the occupancy per frame and run the
+    # colour MLP only where the compositing weight matters; the image is the one every sample gives (empty
+    # voxels hold densities below the occupancy threshold; skipped colours carry weights below 1e-4).
     every = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4,
-                   render_canonical_skip=False)
+                   render_canonical_skip=False, render_colour_min_weight=0.0)
     request = RenderRequest.from_tracking(tracking, np.arange(0, len(tracking), 3))
     skipped, full = field.render(trained, request), every.render(trained, request)
     mse = float(((skipped.rgb / 255.0 - full.rgb / 255.0) ** 2).mean())

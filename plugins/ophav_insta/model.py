@@ -3,7 +3,7 @@ per-sample evaluation that chains deformation -> encoding -> MLPs."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -235,11 +235,15 @@ class CanonicalField(nn.Module):
         frame's expression, closeness to the mesh (N,) -> density (N,), rgb (N, 3) float32. The MLP part of
         a field evaluation (what ``torch.compile`` fuses when enabled)."""
         sigma, geo = self.density_from_features(features)
+        return sigma, self.colour_from(geo, conditioning, closeness)
+
+    def colour_from(self, geo: torch.Tensor, conditioning: torch.Tensor, closeness: torch.Tensor) -> torch.Tensor:
+        """The colour MLP: geometry features (N, G) from :meth:`density_from_features`, conditioning and
+        closeness as in :meth:`decode` -> rgb (N, 3) float32."""
         if self.config.expression_dim and self.config.expression_falloff:
             expression = conditioning[:, SH_DIM:] * closeness[:, None].to(conditioning.dtype)
             conditioning = torch.cat([conditioning[:, :SH_DIM], expression], dim=-1)
-        rgb = torch.sigmoid(self.color_net(torch.cat([geo, conditioning.to(geo.dtype)], dim=-1)).float())
-        return sigma, rgb
+        return torch.sigmoid(self.color_net(torch.cat([geo, conditioning.to(geo.dtype)], dim=-1)).float())
 
     def forward(self, unit: torch.Tensor, direction: torch.Tensor, expression: torch.Tensor,
                 closeness: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +291,42 @@ class HeadField:
             inputs = torch.cat([inputs, self.frames.expressions[rays.frame].float()], dim=-1)
         self._ray_cache = (rays, inputs)
         return inputs
+
+    @property
+    def splits(self) -> bool:
+        """Whether :meth:`density_first` applies (not with a fused, ``torch.compile``'d decode)."""
+        return self.decode == self.field.decode
+
+    def density_first(self, x: torch.Tensor, ray: torch.Tensor, rays: Any
+                      ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Renders: the density (M,) of the samples now, and a function giving the colour (len(idx), 3) of the
+        samples ``idx`` later, so the colour MLP runs only where the compositing weight matters (not behind an
+        opaque surface or in empty space)."""
+        with phase("deform"):
+            x_c, closeness = self.deformer.deform(x, rays.frame[ray], self.frames.meshes)
+        with phase("hash encoding"):
+            unit = (x_c - self.cube_min) / self.cube_side
+            keep = ((unit >= 0) & (unit <= 1)).all(dim=-1)
+            if self.canonical_test is not None:
+                keep &= self.canonical_test(unit)
+            keep = keep.nonzero().squeeze(1)
+            features = self.field.encoding(unit[keep])
+        with phase("MLPs"):
+            kept_sigma, geo = self.field.density_from_features(features)
+            sigma = torch.zeros(x.shape[0], dtype=kept_sigma.dtype, device=x.device).index_put_((keep,), kept_sigma)
+            row_of = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+            row_of[keep] = torch.arange(keep.numel(), device=x.device)
+
+        def colour(idx: torch.Tensor) -> torch.Tensor:
+            with phase("MLPs"):
+                rows = row_of[idx]
+                valid = (rows >= 0).nonzero().squeeze(1)  # samples with zero density have none to give
+                rgb = torch.zeros(idx.numel(), 3, device=x.device)
+                chosen = idx[valid]
+                rgb[valid] = self.field.colour_from(geo[rows[valid]], self.ray_inputs(rays)[ray[chosen]],
+                                                    closeness[chosen])
+                return rgb
+        return sigma, colour
 
     def __call__(self, x: torch.Tensor, ray: torch.Tensor, rays: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with phase("deform"):

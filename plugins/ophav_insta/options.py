@@ -87,6 +87,8 @@ class InstaOptions(BaseModel):
                                             "falls below this")
     render_canonical_skip: bool = Field(True, description="renders also skip samples whose canonical point (after "
                                         "the deformation) lies in an empty voxel: no hash grid or MLP there")
+    render_colour_min_weight: float = Field(1e-4, ge=0, lt=1, description="renders run the colour MLP only for "
+                                            "samples whose compositing weight exceeds this (0: for every sample)")
     render_chunk_rays: int = Field(1 << 18, ge=256, description="rays rendered at once")
     # ---- execution
     backend: Literal["auto", "torch", "triton", "tcnn"] = Field("auto", description="hash encoding backend; auto = "

@@ -415,7 +415,7 @@ def march_train(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_sample
 
 @torch.no_grad()
 def march_render(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_samples: int, cube_side: float,
-                 block: int, min_transmittance: float) -> RayOutput:
+                 block: int, min_transmittance: float, colour_min_weight: float = 0.0) -> RayOutput:
     """Occupancy first, then the field on occupied samples only, front to back with early termination.
 
     All ``num_samples`` samples of every ray are tested against the occupancy grid at once (cheap: no field)
@@ -424,7 +424,11 @@ def march_render(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_sampl
     composited in order after what the rays absorbed so far (empty samples contribute nothing, so this equals
     compositing all samples). After each round rays whose transmittance fell below ``min_transmittance`` or
     with no occupied sample left are dropped: a ray that meets the surface stops after about one window of
-    evaluations instead of evaluating the whole occupied interior of the head. Two host syncs per round."""
+    evaluations instead of evaluating the whole occupied interior of the head. Two host syncs per round.
+
+    ``colour_min_weight`` > 0 with a field that can split (:meth:`HeadField.density_first`): each round's
+    densities first, then the colour MLP only for samples whose compositing weight exceeds it (the rest would
+    add at most their weight to the pixel; behind a surface and in empty space that is ~0)."""
     device, num = rays.origin.device, len(rays)
     rgb = torch.zeros(num, 3, device=device)
     opacity = torch.zeros(num, device=device)
@@ -452,12 +456,25 @@ def march_render(field: FieldFn, occupancy: OccupancyGrid, rays: Rays, num_sampl
             sample_t = t[ray, sample]
             points = rays.origin[ray] + sample_t[:, None] * rays.direction[ray]
         count += int(ray.numel())
-        sigma, colour = field(points, ray, rays)
+        width = min(window, num_samples)
+        shape = (alive.numel(), width)
+        if colour_min_weight > 0 and getattr(field, "splits", False):
+            sigma, colour_of = field.density_first(points, ray, rays)
+            with phase("compositing + loss"):
+                thickness = sigma.float() * (delta[ray] / cube_side)
+                seg_thickness = torch.zeros(shape, device=device).index_put_((row, slot), thickness)
+                before = torch.cumsum(seg_thickness, dim=1) - seg_thickness + log_t[alive][:, None]
+                weight = (torch.exp(-before) * (1.0 - torch.exp(-seg_thickness)))[row, slot]
+                wanted = (weight > colour_min_weight).nonzero().squeeze(1)
+            colour = torch.zeros(ray.numel(), 3, device=device)
+            colour[wanted] = colour_of(wanted).float()
+        else:
+            sigma, colour = field(points, ray, rays)
+            seg_thickness = None
         with phase("compositing + loss"):
-            width = min(window, num_samples)
-            shape = (alive.numel(), width)
-            seg_thickness = torch.zeros(shape, device=device).index_put_(
-                (row, slot), sigma.float() * (delta[ray] / cube_side))
+            if seg_thickness is None:
+                seg_thickness = torch.zeros(shape, device=device).index_put_(
+                    (row, slot), sigma.float() * (delta[ray] / cube_side))
             seg_colour = torch.zeros(shape + (3,), device=device).index_put_((row, slot), colour.float())
             seg_t = torch.zeros(shape, device=device).index_put_((row, slot), sample_t)
             _, seg_rgb, seg_opacity, seg_depth, seg_total = composite(seg_thickness, seg_colour, seg_t, log_t[alive])

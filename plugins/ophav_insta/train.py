@@ -345,7 +345,8 @@ def render_image(field: CanonicalField, deformer: MeshDeformer, geometry: Geomet
         idx = hit[start:start + options.render_chunk_rays]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = march_render(head, occupancy, rays.index(idx), options.samples_per_ray, geometry.cube_side,
-                               options.render_block, options.render_min_transmittance)
+                               options.render_block, options.render_min_transmittance,
+                               options.render_colour_min_weight)
         with phase("compositing + loss"):
             rgb[idx], opacity[idx], depth[idx] = out.rgb, out.opacity, out.depth
     with phase("compositing + loss"):
