@@ -63,7 +63,7 @@ class GaussianField(AvatarField):
         return device
 
     def _backend(self, device) -> str:
-        from ophav_gaussians.raster import resolve_backend
+        from ophav_gaussians.train import resolve_backend
 
         try:
             return resolve_backend(self.options.backend, device)

@@ -194,7 +194,7 @@ def initial_gaussians(frames: np.ndarray, masks: MaskSet, tracking: Tracking, un
                       rng: np.random.Generator) -> tuple[Gaussians, float]:
     """The starting Gaussians (CPU) and the shell's length unit (the canonical mesh's mean triangle size):
     ``per_face`` on every triangle (the first at its centroid, the others at random barycentric points), half a
-    triangle wide, and the shell's on the visual hull (:func:`carve_shell`), a voxel wide; opacity 0.1; colour
+    triangle wide, and the shell's on the visual hull (:func:`carve_shell`), half a voxel wide; opacity 0.1; colour
     the mean of the pixels they project to."""
     faces = torch.as_tensor(tracking.faces.astype(np.int64))
     canonical = torch.as_tensor(tracking.canonical_vertices)
@@ -216,7 +216,7 @@ def initial_gaussians(frames: np.ndarray, masks: MaskSet, tracking: Tracking, un
         sample_colours(face_points, frames, masks.alpha, tracking)
     n = n_face + n_shell
     log_scale = np.concatenate([np.full((n_face, 3), math.log(0.5 / math.sqrt(per_face))),
-                                np.full((n_shell, 3), math.log(max(voxel, 1e-6) / unit))])
+                                np.full((n_shell, 3), math.log(max(0.5 * voxel, 1e-6) / unit))])
     sh = torch.zeros(n, sh_count(sh_degree), 3)
     sh[:, 0] = rgb_to_sh_dc(torch.as_tensor(colours))
     f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731

@@ -83,8 +83,9 @@ class GaussianOptions(BaseModel):
     max_size: float = Field(0.15, gt=0, description="Gaussians larger than this fraction of the head size are "
                             "pruned")
     # ---- execution
-    backend: Literal["auto", "torch", "triton"] = Field("auto", description="rasteriser: auto = triton on CUDA, "
-                                                        "else the PyTorch reference")
+    backend: Literal["auto", "torch", "triton", "sparse", "gsplat"] = Field(
+        "auto", description="rasteriser: auto = triton on CUDA, sparse (per Gaussian-pixel pair, PyTorch) on the "
+        "CPU; torch = the tile reference; gsplat when importable")
     render_batch: int = Field(16, ge=1, description="views of one expression rasterised in one call")
     progress_every: int = Field(10, ge=1, description="iterations between progress updates (each syncs the GPU)")
 

@@ -17,12 +17,28 @@ from ophav_gaussians.model import LEARNT, Gaussians, sh_count
 from ophav_gaussians.options import GaussianOptions
 
 SPLIT_SHRINK = 1.6  # a split Gaussian's two children are this much smaller (3DGS)
+NEAR, FAR = 0.01, 1e4  # camera z culling range, in the tracker's units (a head at ~60 cm: far only excludes absurd)
 
 
-def _rasteriser():
+def resolve_backend(backend: str, device) -> str:
+    """The rasteriser for ``backend`` on ``device``: ``auto`` = triton on CUDA (when importable), the sparse
+    pair compositing (:mod:`ophav_gaussians.sparse`) on the CPU; ``torch`` is the tile reference."""
+    from ophav_gaussians.raster import resolve_backend as raster_backend
+
+    device = torch.device(device)
+    if backend == "sparse" or (backend == "auto" and device.type == "cpu"):
+        return "sparse"
+    return raster_backend(backend, device)
+
+
+def _rasterise(backend: str, *args, **kwargs) -> dict:
+    if backend == "sparse":
+        from ophav_gaussians.sparse import render_gaussians_sparse
+
+        return render_gaussians_sparse(*args, **kwargs)
     from ophav_gaussians.raster import render_gaussians
 
-    return render_gaussians
+    return render_gaussians(*args, backend=backend, **kwargs)
 
 
 def background_rgb(name: str, device) -> torch.Tensor:
@@ -60,8 +76,8 @@ def render_views(g: Gaussians, opacity: torch.Tensor, faces: torch.Tensor, shell
     Ks = Ks.clone()
     Ks[:, 0, 2] += 0.5
     Ks[:, 1, 2] += 0.5
-    return _rasteriser()(means, quats, scales, opacity, colours, view_matrices(rotation, translation), Ks,
-                         int(width), int(height), background=background, backend=backend)
+    return _rasterise(backend, means, quats, scales, opacity, colours, view_matrices(rotation, translation), Ks,
+                      int(width), int(height), background=background, near=NEAR, far=FAR)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -161,6 +177,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.background = background_rgb(options.background, self.device)
         self.step_count = 0
+        self._usable = scene.usable.tolist()  # on the host: picking a frame never syncs
         self._reset_stats()
         self.densified = 0
         self.pruned = 0
@@ -216,7 +233,7 @@ class Trainer:
         if opt.lambda_scale > 0:
             threshold = torch.where(on_mesh, opt.scale_threshold, opt.shell_scale_threshold)
             loss = loss + opt.lambda_scale * F.relu(torch.exp(p["log_scale"]) - threshold[:, None]).mean()
-        if opt.lambda_position > 0 and bool(on_mesh.any()):
+        if opt.lambda_position > 0:
             far = F.relu(p["offset"].norm(dim=-1) - opt.position_threshold) * on_mesh
             loss = loss + opt.lambda_position * far.mean()
         if opt.lambda_opacity > 0:
@@ -228,10 +245,10 @@ class Trainer:
         opt, scene = self.options, self.scene
         self._set_learning_rates()
         self.optimizer.zero_grad(set_to_none=True)
-        picks = torch.randint(0, scene.usable.numel(), (opt.frames_per_batch,), generator=self.generator)
+        picks = torch.randint(0, len(self._usable), (opt.frames_per_batch,), generator=self.generator)
         total_loss, total_mse = 0.0, 0.0
         for k in picks.tolist():
-            index = int(scene.usable[k])
+            index = self._usable[k]
             loss, mse, out = self.loss(index)
             (loss / opt.frames_per_batch).backward()
             self._accumulate(out)
