@@ -106,17 +106,22 @@ def dilate(grid: torch.Tensor, radius: int) -> torch.Tensor:
     return g[0, 0]
 
 
-def variable_dilation(opaque: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """(res^3,) bool: voxel x is occupied when an opaque voxel lies within ``radius[x]`` voxels (Chebyshev) of it."""
+def variable_dilation(opaque: torch.Tensor, radius: torch.Tensor, radii: list[int] | None = None) -> torch.Tensor:
+    """(res^3,) bool: voxel x is occupied when an opaque voxel lies within ``radius[x]`` voxels (Chebyshev) of it.
+    ``radii``: the values ``radius`` holds (computed here when None, which costs a host sync)."""
     res = round(opaque.numel() ** (1 / 3))
     grid = opaque.view(res, res, res).float()
     radius = radius.view(res, res, res)
+    if radii is None:
+        radii = present_radii(radius)
     occupied = torch.zeros_like(opaque).view(res, res, res)
-    for r in range(int(radius.min()), int(radius.max()) + 1):
-        ring = radius == r
-        if bool(ring.any()):
-            occupied |= ring & (dilate(grid, r) > 0)
+    for r in radii:
+        occupied |= (radius == r) & (dilate(grid, r) > 0)
     return occupied.view(-1)
+
+
+def present_radii(radius: torch.Tensor) -> list[int]:
+    return [int(r) for r in torch.unique(radius).tolist()]
 
 
 @torch.no_grad()
@@ -185,8 +190,17 @@ class OccupancyGrid:
         self.active = False  # False: everything counts as occupied (warm-up)
 
     @property
+    def radius(self) -> torch.Tensor:
+        return self._radius
+
+    @radius.setter
+    def radius(self, value: torch.Tensor) -> None:
+        # The values it holds, read once here: an update then dilates without a host sync.
+        self._radius, self._radii = value, present_radii(value)
+
+    @property
     def dilation(self) -> int:
-        return int(self.radius.max())
+        return max(self._radii)
 
     def mark_surface(self, points: torch.Tensor) -> None:
         """Voxels holding these head-space points (the canonical mesh) always count as occupied, so the face
@@ -236,7 +250,7 @@ class OccupancyGrid:
         fresh = torch.cat([density_fn(points[i:i + chunk]).float() for i in range(0, points.shape[0], chunk)])
         self.density = torch.maximum(self.density * decay, fresh)
         self.opaque = ((1.0 - torch.exp(-self.density * step)) > threshold) | self.surface
-        self.occupied = variable_dilation(self.opaque, self.radius)
+        self.occupied = variable_dilation(self.opaque, self.radius, self._radii)
         self.active = self.active or activate
 
     def with_radius(self, radius: torch.Tensor) -> "OccupancyGrid":
@@ -246,7 +260,7 @@ class OccupancyGrid:
             return self
         grid = OccupancyGrid(self.resolution, self.cube_min, self.cube_side, radius)
         grid.density, grid.opaque, grid.surface, grid.active = self.density, self.opaque, self.surface, True
-        grid.occupied = variable_dilation(self.opaque, grid.radius)
+        grid.occupied = variable_dilation(self.opaque, grid.radius, grid._radii)
         return grid
 
     def canonical_test(self, margin: int = 1):
@@ -257,7 +271,11 @@ class OccupancyGrid:
         if self.opaque is None or not self.active:
             return None
         res = self.resolution
-        near = variable_dilation(self.opaque, torch.full_like(self.radius, margin))
+        cached = getattr(self, "_near_cache", None)
+        if cached is None or cached[0] is not self.opaque or cached[1] != margin:
+            near = variable_dilation(self.opaque, torch.full_like(self.radius, margin), [margin])
+            self._near_cache = (self.opaque, margin, near)
+        near = self._near_cache[2]
         strides = self._strides(near.device)
 
         def test(unit: torch.Tensor) -> torch.Tensor:
