@@ -94,8 +94,12 @@ def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width: int,
         on_screen = (mx + half_x >= 0) & (mx - half_x <= width) & (my + half_y >= 0) & (my - half_y <= height)
         visible = in_range & (det > 0) & (opacity > ALPHA_MIN) & on_screen & (x0 <= x1) & (y0 <= y1)
         radii = torch.where(visible, radius, torch.zeros_like(radius)).to(torch.int32)
-        tile_box = torch.stack([x0, x1, y0, y1], dim=-1).to(torch.int64)
-        tile_box = torch.where(visible[..., None], tile_box, torch.tensor([0, -1, 0, -1], device=z.device))
+        # Culled: an empty range (x1 < x0). Built with where(), not from a host tensor (a host->device copy
+        # would stall the stream).
+        empty = torch.full_like(x0, -1.0)
+        tile_box = torch.stack([torch.where(visible, x0, torch.zeros_like(x0)), torch.where(visible, x1, empty),
+                                torch.where(visible, y0, torch.zeros_like(y0)), torch.where(visible, y1, empty)],
+                               dim=-1).to(torch.int64)
     return Projection(means2d, conics, z, radii, tile_box, visible)
 
 
