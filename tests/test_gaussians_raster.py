@@ -207,6 +207,8 @@ def agreement(width, height, num, batch, device):
     scene = make_scene(num, width, height, batch=batch, seed=7, device=device, size=(0.1 * shrink, 0.6 * shrink))
     scene["opacities"] = scene["opacities"].clamp(min=0.7)
     scene["opacities"][:3] = 1.0  # the 0.99 alpha clamp is active (no gradient through it)
+    scene["means"][3] = torch.tensor([0.0, 0.0, -3.5], device=device)  # behind the cameras: culled
+    scene["means"][4] = torch.tensor([40.0, 0.0, 0.0], device=device)  # off screen: culled
     background = torch.tensor([0.3, 0.1, 0.7], device=device)
     names = ["means", "quats", "scales", "opacities", "colors"]
     g = torch.Generator().manual_seed(1)
@@ -226,7 +228,8 @@ def agreement(width, height, num, batch, device):
     depth = float(((ref["depth"] - fast["depth"]) * ref["alpha"]).abs().max())
     grad = max(float((ref_grads[n] - fast_grads[n]).abs().max() / ref_grads[n].abs().max()) for n in ref_grads)
     stopped = float((ref["alpha"] > 1 - 2e-4).float().mean())
-    return "image", image, "alpha", alpha, "depth", depth, "grad", grad, "stopped", stopped
+    culled = int((results["torch"][1]["means"][3:5] != 0).sum() + (fast_grads["means"][3:5] != 0).sum())
+    return "image", image, "alpha", alpha, "depth", depth, "grad", grad, "stopped", stopped, "culled_grads", culled
 
 
 def _parse(stdout):
@@ -246,6 +249,7 @@ def test_triton_matches_the_reference_in_the_interpreter():
     assert out.returncode == 0, out.stderr[-3000:]
     found = _parse(out.stdout)
     assert found["stopped"] > 0, found  # the early stop is exercised
+    assert found["culled_grads"] == 0, found  # culled Gaussians get exactly zero gradient, no NaN
     assert found["image"] <= 1e-5 and found["alpha"] <= 1e-5 and found["depth"] <= 1e-4, found
     assert found["grad"] <= 1e-4, found
 
@@ -258,7 +262,7 @@ def test_gpu_triton_matches_the_reference():
     (float32 atomics in arbitrary order over thousands of pixels)."""
     pytest.importorskip("triton")
     found = dict(zip(*[iter(agreement(width=128, height=128, num=5000, batch=2, device="cuda"))] * 2))
-    assert found["stopped"] > 0, found
+    assert found["stopped"] > 0 and found["culled_grads"] == 0, found
     assert found["image"] <= 1e-4 and found["alpha"] <= 1e-4 and found["depth"] <= 1e-3, found
     assert found["grad"] <= 1e-3, found
 
