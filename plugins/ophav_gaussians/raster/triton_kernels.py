@@ -274,3 +274,113 @@ def rasterize_triton(proj: Projection, tiles: TileLists, opacities: torch.Tensor
     """Same contract as :func:`.reference.rasterize_reference`: (B, H, W, C) features, (B, H, W) transmittance."""
     return _RasterizeTriton.apply(proj.means2d, proj.conics, opacities, features, tiles.ranges,
                                   tiles.gaussian_ids, width, height, tiles.tiles_x)
+
+
+# ---------------------------------------------------------------------------------------------- projection
+
+
+@triton.jit
+def _project_kernel(means_ptr, quats_ptr, scales_ptr, opacities_ptr, viewmats_ptr, Ks_ptr, means2d_ptr,
+                    conics_ptr, depths_ptr, radii_ptr, box_ptr, visible_ptr, num, width, height, tiles_x, tiles_y,
+                    near, far, LOW_PASS: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`.projection.project_gaussians` for BLOCK Gaussians of one camera, fused (forward only)."""
+    cam = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < num
+    v = viewmats_ptr + cam * 16
+    r00, r01, r02, t0 = tl.load(v), tl.load(v + 1), tl.load(v + 2), tl.load(v + 3)
+    r10, r11, r12, t1 = tl.load(v + 4), tl.load(v + 5), tl.load(v + 6), tl.load(v + 7)
+    r20, r21, r22, t2 = tl.load(v + 8), tl.load(v + 9), tl.load(v + 10), tl.load(v + 11)
+    fx, cx = tl.load(Ks_ptr + cam * 9), tl.load(Ks_ptr + cam * 9 + 2)
+    fy, cy = tl.load(Ks_ptr + cam * 9 + 4), tl.load(Ks_ptr + cam * 9 + 5)
+    wx = tl.load(means_ptr + n * 3, mask=m, other=0.0)
+    wy = tl.load(means_ptr + n * 3 + 1, mask=m, other=0.0)
+    wz = tl.load(means_ptr + n * 3 + 2, mask=m, other=0.0)
+    x = r00 * wx + r01 * wy + r02 * wz + t0
+    y = r10 * wx + r11 * wy + r12 * wz + t1
+    z = r20 * wx + r21 * wy + r22 * wz + t2
+    in_range = (z > near) & (z < far)
+    zs = tl.where(in_range, z, 1.0)
+    mx = fx * x / zs + cx
+    my = fy * y / zs + cy
+    margin_x = 0.3 * 0.5 * width / fx
+    margin_y = 0.3 * 0.5 * height / fy
+    tx = zs * tl.maximum(tl.minimum(x / zs, (width - cx) / fx + margin_x), -cx / fx - margin_x)
+    ty = zs * tl.maximum(tl.minimum(y / zs, (height - cy) / fy + margin_y), -cy / fy - margin_y)
+    j00 = fx / zs
+    j02 = -fx * tx / (zs * zs)
+    j11 = fy / zs
+    j12 = -fy * ty / (zs * zs)
+    # Rows of J W (2 x 3).
+    a0, a1, a2 = j00 * r00 + j02 * r20, j00 * r01 + j02 * r21, j00 * r02 + j02 * r22
+    b0, b1, b2 = j11 * r10 + j12 * r20, j11 * r11 + j12 * r21, j11 * r12 + j12 * r22
+    qw = tl.load(quats_ptr + n * 4, mask=m, other=1.0)
+    qx = tl.load(quats_ptr + n * 4 + 1, mask=m, other=0.0)
+    qy = tl.load(quats_ptr + n * 4 + 2, mask=m, other=0.0)
+    qz = tl.load(quats_ptr + n * 4 + 3, mask=m, other=0.0)
+    inv = 1.0 / tl.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
+    qw, qx, qy, qz = qw * inv, qx * inv, qy * inv, qz * inv
+    s0 = tl.load(scales_ptr + n * 3, mask=m, other=1.0)
+    s1 = tl.load(scales_ptr + n * 3 + 1, mask=m, other=1.0)
+    s2 = tl.load(scales_ptr + n * 3 + 2, mask=m, other=1.0)
+    # R diag(s), column by column.
+    m00, m10, m20 = (1 - 2 * (qy * qy + qz * qz)) * s0, 2 * (qx * qy + qw * qz) * s0, 2 * (qx * qz - qw * qy) * s0
+    m01, m11, m21 = 2 * (qx * qy - qw * qz) * s1, (1 - 2 * (qx * qx + qz * qz)) * s1, 2 * (qy * qz + qw * qx) * s1
+    m02, m12, m22 = 2 * (qx * qz + qw * qy) * s2, 2 * (qy * qz - qw * qx) * s2, (1 - 2 * (qx * qx + qy * qy)) * s2
+    u0, u1, u2 = a0 * m00 + a1 * m10 + a2 * m20, a0 * m01 + a1 * m11 + a2 * m21, a0 * m02 + a1 * m12 + a2 * m22
+    w0, w1, w2 = b0 * m00 + b1 * m10 + b2 * m20, b0 * m01 + b1 * m11 + b2 * m21, b0 * m02 + b1 * m12 + b2 * m22
+    cov_a = u0 * u0 + u1 * u1 + u2 * u2 + LOW_PASS
+    cov_b = u0 * w0 + u1 * w1 + u2 * w2
+    cov_c = w0 * w0 + w1 * w1 + w2 * w2 + LOW_PASS
+    det = cov_a * cov_c - cov_b * cov_b
+    det_safe = tl.where(det > 0, det, 1.0)
+    opacity = tl.load(opacities_ptr + n, mask=m, other=0.0)
+    extent = tl.sqrt(2.0 * tl.log(tl.maximum(opacity / ALPHA_MIN, 1.0)))
+    half_x = extent * tl.sqrt(cov_a)
+    half_y = extent * tl.sqrt(cov_c)
+    mid = 0.5 * (cov_a + cov_c)
+    lambda_max = mid + tl.sqrt(tl.maximum(mid * mid - det, 0.1))
+    radius = tl.ceil(extent * tl.sqrt(lambda_max))
+    x0 = tl.minimum(tl.maximum(tl.floor((mx - half_x) / TILE), 0.0), tiles_x - 1.0)
+    x1 = tl.minimum(tl.maximum(tl.floor((mx + half_x) / TILE), -1.0), tiles_x - 1.0)
+    y0 = tl.minimum(tl.maximum(tl.floor((my - half_y) / TILE), 0.0), tiles_y - 1.0)
+    y1 = tl.minimum(tl.maximum(tl.floor((my + half_y) / TILE), -1.0), tiles_y - 1.0)
+    on_screen = (mx + half_x >= 0) & (mx - half_x <= width) & (my + half_y >= 0) & (my - half_y <= height)
+    visible = in_range & (det > 0) & (opacity > ALPHA_MIN) & on_screen & (x0 <= x1) & (y0 <= y1) & m
+    out = cam * num + n
+    tl.store(means2d_ptr + out * 2, mx, mask=m)
+    tl.store(means2d_ptr + out * 2 + 1, my, mask=m)
+    tl.store(conics_ptr + out * 3, cov_c / det_safe, mask=m)
+    tl.store(conics_ptr + out * 3 + 1, -cov_b / det_safe, mask=m)
+    tl.store(conics_ptr + out * 3 + 2, cov_a / det_safe, mask=m)
+    tl.store(depths_ptr + out, z, mask=m)
+    tl.store(radii_ptr + out, tl.where(visible, radius, 0.0).to(tl.int32), mask=m)
+    tl.store(box_ptr + out * 4, tl.where(visible, x0, 0.0).to(tl.int64), mask=m)
+    tl.store(box_ptr + out * 4 + 1, tl.where(visible, x1, -1.0).to(tl.int64), mask=m)
+    tl.store(box_ptr + out * 4 + 2, tl.where(visible, y0, 0.0).to(tl.int64), mask=m)
+    tl.store(box_ptr + out * 4 + 3, tl.where(visible, y1, -1.0).to(tl.int64), mask=m)
+    tl.store(visible_ptr + out, visible.to(tl.int8), mask=m)
+
+
+PROJECT_BLOCK = 256
+
+
+def project_gaussians_triton(means, quats, scales, opacities, viewmats, Ks, width: int, height: int,
+                             near: float = 0.01, far: float = 100.0) -> Projection:
+    """:func:`.projection.project_gaussians` in one fused kernel launch, without gradients: for rendering only
+    (the torch projection is ~200 small ops, which at batch 1 cost more launch time than the compositing)."""
+    batch, num = viewmats.shape[0], means.shape[0]
+    device = means.device
+    means2d = torch.empty(batch, num, 2, device=device)
+    conics = torch.empty(batch, num, 3, device=device)
+    depths = torch.empty(batch, num, device=device)
+    radii = torch.empty(batch, num, device=device, dtype=torch.int32)
+    box = torch.empty(batch, num, 4, device=device, dtype=torch.int64)
+    visible = torch.empty(batch, num, device=device, dtype=torch.int8)
+    tiles_x, tiles_y = triton.cdiv(width, TILE), triton.cdiv(height, TILE)
+    if num:
+        grid = (triton.cdiv(num, PROJECT_BLOCK), batch)
+        _project_kernel[grid](_f32(means), _f32(quats), _f32(scales), _f32(opacities), _f32(viewmats), _f32(Ks),
+                              means2d, conics, depths, radii, box, visible, num, width, height, tiles_x, tiles_y,
+                              float(near), float(far), LOW_PASS=projection.LOW_PASS, TILE=TILE, BLOCK=PROJECT_BLOCK)
+    return Projection(means2d, conics, depths, radii, box, visible.bool())
