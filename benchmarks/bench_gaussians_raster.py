@@ -9,7 +9,8 @@ On CUDA: a synthetic head-like cloud (100k Gaussians: flat discs tangent to an e
 - forward only (``torch.no_grad``) and forward + backward (gradients of means, quats, scales, opacities,
   colours), batch 1, 8, 16 and 32, per backend (triton; the PyTorch reference at batch 1 only, for scale;
   gsplat when it imports): ms per call and frames/s (= batch / time);
-- where the time of one triton frame goes (projection, binning with its one host sync, compositing);
+- where the time of one triton frame goes (projection: the fused kernel used when rendering without gradients,
+  and the torch ops that training differentiates through; binning with its one host sync; compositing);
 - a sweep of the triton kernel configurations (rows per program, Gaussians per chunk, warps) at batch 1 and 16,
   to set the defaults in ``raster/triton_kernels.py`` from measurements; the main rows use the defaults;
 - tile statistics: visible Gaussians, intersections, mean and max list length.
@@ -113,7 +114,7 @@ def tile_statistics(cloud, size, focal, distance, batch, device):
 
 def breakdown(cloud, size, focal, distance, device, iters, warmup):
     """ms of the stages of one triton forward frame (each timed on its own, so they overlap nothing)."""
-    from ophav_gaussians.raster.triton_kernels import rasterize_triton
+    from ophav_gaussians.raster.triton_kernels import project_gaussians_triton, rasterize_triton
 
     viewmats, Ks = cameras(1, size, focal, distance, device)
     args = (cloud["means"], cloud["quats"], cloud["scales"], cloud["opacities"], viewmats, Ks, size, size)
@@ -121,7 +122,8 @@ def breakdown(cloud, size, focal, distance, device, iters, warmup):
     tiles = bin_gaussians(proj, size, size)
     features = torch.cat([cloud["colors"].expand(1, -1, -1), proj.depths[..., None]], dim=-1)
     with torch.no_grad():
-        stages = {"projection": lambda: project_gaussians(*args),
+        stages = {"projection (fused kernel, rendering)": lambda: project_gaussians_triton(*args),
+                  "projection (torch ops, training)": lambda: project_gaussians(*args),
                   "binning (sort, 1 sync)": lambda: bin_gaussians(proj, size, size),
                   "compositing kernel": lambda: rasterize_triton(proj, tiles, cloud["opacities"], features, size,
                                                                  size)}
