@@ -194,8 +194,9 @@ def test_reference_is_fast_enough_on_the_cpu():
 AGREEMENT_CHECK = """
 import sys, torch
 sys.path[:0] = [{tests!r}, {plugins!r}]
-from test_gaussians_raster import agreement
+from test_gaussians_raster import agreement, projection_agreement
 print(*agreement(width={width}, height={height}, num={num}, batch={batch}, device={device!r}))
+print(*projection_agreement(width={width}, height={height}, num={num}, batch={batch}, device={device!r}))
 """
 
 
@@ -237,6 +238,34 @@ def agreement(width, height, num, batch, device):
             "no_grad_image", no_grad_image, "radii_mismatch", radii)
 
 
+def projection_agreement(width, height, num, batch, device):
+    """Worst differences of the fused triton projection (forward and its backward kernel) from the torch
+    projection under random upstream gradients on every output, culled Gaussians included (behind the
+    cameras, and one far off screen whose Jacobian position is clamped): outputs max abs relative to the
+    largest, gradients of means/quats/scales the same, and how many radii or tile boxes differ."""
+    from ophav_gaussians.raster.triton_kernels import project_gaussians_triton_autograd
+
+    scene = make_scene(num, width, height, batch=batch, seed=8, device=device)
+    scene["means"][0] = torch.tensor([0.0, 0.0, -3.5], device=device)
+    scene["means"][1] = torch.tensor([4.0, -1.0, 0.0], device=device)  # beyond the clamp of the Jacobian
+    scene["scales"][1] = 2.0  # ... and big enough to stay on screen
+    g = torch.Generator().manual_seed(3)
+    upstream = [torch.randn(batch, num, *extra, generator=g).to(device) for extra in ((2,), (3,), ())]
+    results = []
+    for project in (project_gaussians, project_gaussians_triton_autograd):
+        leaves = [scene[k].clone().requires_grad_() for k in ("means", "quats", "scales")]
+        proj = project(*leaves, scene["opacities"], scene["viewmats"], scene["Ks"], width, height)
+        outputs = (proj.means2d, proj.conics, proj.depths)
+        sum((o * u).sum() for o, u in zip(outputs, upstream)).backward()
+        results.append((outputs, [t.grad for t in leaves], proj))
+    (ref_out, ref_grads, ref_proj), (out, grads, proj) = results
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+    return ("outputs", max(rel(a.detach(), b.detach()) for a, b in zip(out, ref_out)),
+            "grads", max(rel(a, b) for a, b in zip(grads, ref_grads)),
+            "visible_1", int(ref_proj.visible[0, 1]), "clamped_grad", float(ref_grads[0][1].abs().sum()),
+            "mismatch", int((proj.radii != ref_proj.radii).sum() + (proj.tile_box != ref_proj.tile_box).sum()))
+
+
 def _parse(stdout):
     words = stdout.split()
     return {words[i]: float(words[i + 1]) for i in range(0, len(words) - 1, 2)}
@@ -258,6 +287,9 @@ def test_triton_matches_the_reference_in_the_interpreter():
     assert found["image"] <= 1e-5 and found["alpha"] <= 1e-5 and found["depth"] <= 1e-4, found
     assert found["grad"] <= 1e-4, found
     assert found["no_grad_image"] <= 1e-5 and found["radii_mismatch"] == 0, found  # the fused projection
+    # The fused projection and its backward kernel against autograd through the torch projection.
+    assert found["visible_1"] == 1 and found["clamped_grad"] > 0, found
+    assert found["outputs"] <= 1e-5 and found["grads"] <= 1e-4 and found["mismatch"] == 0, found
 
 
 @pytest.mark.gpu
@@ -267,12 +299,14 @@ def test_gpu_triton_matches_the_reference():
     contraction differ from the CPU's), alpha-weighted depth 1e-3 abs, gradients 1e-3 relative to the largest
     (float32 atomics in arbitrary order over thousands of pixels)."""
     pytest.importorskip("triton")
-    found = dict(zip(*[iter(agreement(width=128, height=128, num=5000, batch=2, device="cuda"))] * 2))
+    found = dict(zip(*[iter(agreement(width=128, height=128, num=5000, batch=2, device="cuda")
+                            + projection_agreement(width=128, height=128, num=5000, batch=2, device="cuda"))] * 2))
     assert found["stopped"] > 0 and found["culled_grads"] == 0, found
     assert found["image"] <= 1e-4 and found["alpha"] <= 1e-4 and found["depth"] <= 1e-3, found
     assert found["grad"] <= 1e-3, found
     # the fused projection kernel: FMA contraction may move a radius across an integer (ceil) in rare cases
     assert found["no_grad_image"] <= 1e-4 and found["radii_mismatch"] <= 5, found
+    assert found["outputs"] <= 1e-4 and found["grads"] <= 1e-3 and found["mismatch"] <= 10, found
 
 
 @pytest.mark.gpu

@@ -5,9 +5,9 @@
   hand, and the tests run it on the CPU under ``TRITON_INTERPRET=1``);
 - ``gsplat``: :mod:`.gsplat_backend`, used only when asked for and importable (its CUDA code JIT-compiles).
 
-The projection (3D covariance, EWA Jacobian, 0.3 px low-pass, culling) is the same PyTorch code for the torch
-and triton backends, so they differ only in the compositing, and gradients reach means/quats/scales through
-it by autograd. ``import triton`` happens only when the triton backend runs.
+The projection (3D covariance, EWA Jacobian, 0.3 px low-pass, culling) is PyTorch code with autograd in the
+torch backend (:mod:`.projection`) and one fused kernel with a hand-written backward in the triton backend
+(checked against the PyTorch one). ``import triton`` happens only when the triton backend runs.
 """
 from __future__ import annotations
 
@@ -79,10 +79,12 @@ def render_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, widt
                              background, near, far)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (means, quats, scales, opacities, colors))
-    if backend == "triton" and not needs_grad:
-        from .triton_kernels import project_gaussians_triton  # one fused launch instead of ~200 small ops
+    if backend == "triton":
+        # One fused launch (and one for its backward) instead of ~200 small torch ops and their autograd.
+        from .triton_kernels import project_gaussians_triton, project_gaussians_triton_autograd
 
-        proj = project_gaussians_triton(means, quats, scales, opacities, viewmats, Ks, width, height, near, far)
+        project = project_gaussians_triton_autograd if needs_grad else project_gaussians_triton
+        proj = project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far)
     else:
         proj = project_gaussians(means, quats, scales, opacities, viewmats.to(means.dtype), Ks.to(means.dtype),
                                  width, height, near, far)

@@ -369,6 +369,11 @@ def project_gaussians_triton(means, quats, scales, opacities, viewmats, Ks, widt
                              near: float = 0.01, far: float = 100.0) -> Projection:
     """:func:`.projection.project_gaussians` in one fused kernel launch, without gradients: for rendering only
     (the torch projection is ~200 small ops, which at batch 1 cost more launch time than the compositing)."""
+    with torch.no_grad():
+        return _project_launch(means, quats, scales, opacities, viewmats, Ks, width, height, near, far)
+
+
+def _project_launch(means, quats, scales, opacities, viewmats, Ks, width, height, near, far) -> Projection:
     batch, num = viewmats.shape[0], means.shape[0]
     device = means.device
     means2d = torch.empty(batch, num, 2, device=device)
@@ -384,3 +389,162 @@ def project_gaussians_triton(means, quats, scales, opacities, viewmats, Ks, widt
                               means2d, conics, depths, radii, box, visible, num, width, height, tiles_x, tiles_y,
                               float(near), float(far), LOW_PASS=projection.LOW_PASS, TILE=TILE, BLOCK=PROJECT_BLOCK)
     return Projection(means2d, conics, depths, radii, box, visible.bool())
+
+
+@triton.jit
+def _project_backward_kernel(means_ptr, quats_ptr, scales_ptr, viewmats_ptr, Ks_ptr, grad_means2d_ptr,
+                             grad_conics_ptr, grad_depths_ptr, grad_means_ptr, grad_quats_ptr, grad_scales_ptr,
+                             num, width, height, near, far, LOW_PASS: tl.constexpr, BLOCK: tl.constexpr):
+    """Gradients of :func:`_project_kernel`'s means2d, conics and depths w.r.t. means, quats and scales (the
+    chain rule of the torch projection written out, as 3DGS's preprocess/computeCov2D backward); summed over
+    cameras with atomic adds."""
+    cam = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < num
+    v = viewmats_ptr + cam * 16
+    r00, r01, r02, t0 = tl.load(v), tl.load(v + 1), tl.load(v + 2), tl.load(v + 3)
+    r10, r11, r12, t1 = tl.load(v + 4), tl.load(v + 5), tl.load(v + 6), tl.load(v + 7)
+    r20, r21, r22, t2 = tl.load(v + 8), tl.load(v + 9), tl.load(v + 10), tl.load(v + 11)
+    fx, cx = tl.load(Ks_ptr + cam * 9), tl.load(Ks_ptr + cam * 9 + 2)
+    fy, cy = tl.load(Ks_ptr + cam * 9 + 4), tl.load(Ks_ptr + cam * 9 + 5)
+    wx = tl.load(means_ptr + n * 3, mask=m, other=0.0)
+    wy = tl.load(means_ptr + n * 3 + 1, mask=m, other=0.0)
+    wz = tl.load(means_ptr + n * 3 + 2, mask=m, other=0.0)
+    x = r00 * wx + r01 * wy + r02 * wz + t0
+    y = r10 * wx + r11 * wy + r12 * wz + t1
+    z = r20 * wx + r21 * wy + r22 * wz + t2
+    in_range = (z > near) & (z < far)
+    zs = tl.where(in_range, z, 1.0)
+    margin_x = 0.3 * 0.5 * width / fx
+    margin_y = 0.3 * 0.5 * height / fy
+    rx = x / zs
+    ry = y / zs
+    rxc = tl.maximum(tl.minimum(rx, (width - cx) / fx + margin_x), -cx / fx - margin_x)
+    ryc = tl.maximum(tl.minimum(ry, (height - cy) / fy + margin_y), -cy / fy - margin_y)
+    tx = zs * rxc
+    ty = zs * ryc
+    j00 = fx / zs
+    j02 = -fx * tx / (zs * zs)
+    j11 = fy / zs
+    j12 = -fy * ty / (zs * zs)
+    a0, a1, a2 = j00 * r00 + j02 * r20, j00 * r01 + j02 * r21, j00 * r02 + j02 * r22
+    b0, b1, b2 = j11 * r10 + j12 * r20, j11 * r11 + j12 * r21, j11 * r12 + j12 * r22
+    qw0 = tl.load(quats_ptr + n * 4, mask=m, other=1.0)
+    qx0 = tl.load(quats_ptr + n * 4 + 1, mask=m, other=0.0)
+    qy0 = tl.load(quats_ptr + n * 4 + 2, mask=m, other=0.0)
+    qz0 = tl.load(quats_ptr + n * 4 + 3, mask=m, other=0.0)
+    inv = 1.0 / tl.sqrt(qw0 * qw0 + qx0 * qx0 + qy0 * qy0 + qz0 * qz0)
+    qw, qx, qy, qz = qw0 * inv, qx0 * inv, qy0 * inv, qz0 * inv
+    s0 = tl.load(scales_ptr + n * 3, mask=m, other=1.0)
+    s1 = tl.load(scales_ptr + n * 3 + 1, mask=m, other=1.0)
+    s2 = tl.load(scales_ptr + n * 3 + 2, mask=m, other=1.0)
+    q00, q01, q02 = 1 - 2 * (qy * qy + qz * qz), 2 * (qx * qy - qw * qz), 2 * (qx * qz + qw * qy)
+    q10, q11, q12 = 2 * (qx * qy + qw * qz), 1 - 2 * (qx * qx + qz * qz), 2 * (qy * qz - qw * qx)
+    q20, q21, q22 = 2 * (qx * qz - qw * qy), 2 * (qy * qz + qw * qx), 1 - 2 * (qx * qx + qy * qy)
+    m00, m01, m02 = q00 * s0, q01 * s1, q02 * s2
+    m10, m11, m12 = q10 * s0, q11 * s1, q12 * s2
+    m20, m21, m22 = q20 * s0, q21 * s1, q22 * s2
+    u0, u1, u2 = a0 * m00 + a1 * m10 + a2 * m20, a0 * m01 + a1 * m11 + a2 * m21, a0 * m02 + a1 * m12 + a2 * m22
+    w0, w1, w2 = b0 * m00 + b1 * m10 + b2 * m20, b0 * m01 + b1 * m11 + b2 * m21, b0 * m02 + b1 * m12 + b2 * m22
+    cov_a = u0 * u0 + u1 * u1 + u2 * u2 + LOW_PASS
+    cov_b = u0 * w0 + u1 * w1 + u2 * w2
+    cov_c = w0 * w0 + w1 * w1 + w2 * w2 + LOW_PASS
+    det = cov_a * cov_c - cov_b * cov_b
+    det_safe = tl.where(det > 0, det, 1.0)
+    out = cam * num + n
+    gmx = tl.load(grad_means2d_ptr + out * 2, mask=m, other=0.0)
+    gmy = tl.load(grad_means2d_ptr + out * 2 + 1, mask=m, other=0.0)
+    gk0 = tl.load(grad_conics_ptr + out * 3, mask=m, other=0.0)
+    gk1 = tl.load(grad_conics_ptr + out * 3 + 1, mask=m, other=0.0)
+    gk2 = tl.load(grad_conics_ptr + out * 3 + 2, mask=m, other=0.0)
+    gz_out = tl.load(grad_depths_ptr + out, mask=m, other=0.0)
+    # conic = (c, -b, a) / det (the where() on det passes no gradient to det where it was replaced).
+    inv_det = 1.0 / det_safe
+    k = tl.where(det > 0, -(gk0 * cov_c - gk1 * cov_b + gk2 * cov_a) * inv_det * inv_det, 0.0)
+    g_a = gk2 * inv_det + k * cov_c
+    g_b = -gk1 * inv_det - 2.0 * k * cov_b
+    g_c = gk0 * inv_det + k * cov_a
+    gu0, gu1, gu2 = 2 * g_a * u0 + g_b * w0, 2 * g_a * u1 + g_b * w1, 2 * g_a * u2 + g_b * w2
+    gw0, gw1, gw2 = g_b * u0 + 2 * g_c * w0, g_b * u1 + 2 * g_c * w1, g_b * u2 + 2 * g_c * w2
+    # T = A M: dM_lk = du_k a_l + dw_k b_l; dA rows: da_l = sum_k du_k M_lk, db_l = sum_k dw_k M_lk.
+    gm00, gm01, gm02 = gu0 * a0 + gw0 * b0, gu1 * a0 + gw1 * b0, gu2 * a0 + gw2 * b0
+    gm10, gm11, gm12 = gu0 * a1 + gw0 * b1, gu1 * a1 + gw1 * b1, gu2 * a1 + gw2 * b1
+    gm20, gm21, gm22 = gu0 * a2 + gw0 * b2, gu1 * a2 + gw1 * b2, gu2 * a2 + gw2 * b2
+    ga0, ga1, ga2 = gu0 * m00 + gu1 * m01 + gu2 * m02, gu0 * m10 + gu1 * m11 + gu2 * m12, gu0 * m20 + gu1 * m21 + gu2 * m22
+    gb0, gb1, gb2 = gw0 * m00 + gw1 * m01 + gw2 * m02, gw0 * m10 + gw1 * m11 + gw2 * m12, gw0 * m20 + gw1 * m21 + gw2 * m22
+    # M = Rq diag(s).
+    tl.atomic_add(grad_scales_ptr + n * 3, gm00 * q00 + gm10 * q10 + gm20 * q20, mask=m)
+    tl.atomic_add(grad_scales_ptr + n * 3 + 1, gm01 * q01 + gm11 * q11 + gm21 * q21, mask=m)
+    tl.atomic_add(grad_scales_ptr + n * 3 + 2, gm02 * q02 + gm12 * q12 + gm22 * q22, mask=m)
+    g00, g01, g02 = gm00 * s0, gm01 * s1, gm02 * s2
+    g10, g11, g12 = gm10 * s0, gm11 * s1, gm12 * s2
+    g20, g21, g22 = gm20 * s0, gm21 * s1, gm22 * s2
+    dqw = 2 * (-qz * g01 + qy * g02 + qz * g10 - qx * g12 - qy * g20 + qx * g21)
+    dqx = 2 * (qy * g01 + qz * g02 + qy * g10 - 2 * qx * g11 - qw * g12 + qz * g20 + qw * g21 - 2 * qx * g22)
+    dqy = 2 * (-2 * qy * g00 + qx * g01 + qw * g02 + qx * g10 + qz * g12 - qw * g20 + qz * g21 - 2 * qy * g22)
+    dqz = 2 * (-2 * qz * g00 - qw * g01 + qx * g02 + qw * g10 - 2 * qz * g11 + qy * g12 + qx * g20 + qy * g21)
+    dot = qw * dqw + qx * dqx + qy * dqy + qz * dqz  # through the normalisation q / |q|
+    tl.atomic_add(grad_quats_ptr + n * 4, (dqw - qw * dot) * inv, mask=m)
+    tl.atomic_add(grad_quats_ptr + n * 4 + 1, (dqx - qx * dot) * inv, mask=m)
+    tl.atomic_add(grad_quats_ptr + n * 4 + 2, (dqy - qy * dot) * inv, mask=m)
+    tl.atomic_add(grad_quats_ptr + n * 4 + 3, (dqz - qz * dot) * inv, mask=m)
+    # A rows: a = j00 R_0 + j02 R_2, b = j11 R_1 + j12 R_2.
+    g_j00 = ga0 * r00 + ga1 * r01 + ga2 * r02
+    g_j02 = ga0 * r20 + ga1 * r21 + ga2 * r22
+    g_j11 = gb0 * r10 + gb1 * r11 + gb2 * r12
+    g_j12 = gb0 * r20 + gb1 * r21 + gb2 * r22
+    inv_z = 1.0 / zs
+    g_zs = -g_j00 * fx * inv_z * inv_z - g_j11 * fy * inv_z * inv_z \
+        + 2.0 * (g_j02 * fx * tx + g_j12 * fy * ty) * inv_z * inv_z * inv_z
+    g_tx = -g_j02 * fx * inv_z * inv_z
+    g_ty = -g_j12 * fy * inv_z * inv_z
+    # tx = zs * clamp(x / zs): the clamp passes gradient only inside its range.
+    g_rx = tl.where((rx == rxc), g_tx * zs, 0.0)
+    g_ry = tl.where((ry == ryc), g_ty * zs, 0.0)
+    g_zs += g_tx * rxc + g_ty * ryc
+    # means2d = f * (x, y) / zs + c
+    g_x = gmx * fx * inv_z + g_rx * inv_z
+    g_y = gmy * fy * inv_z + g_ry * inv_z
+    g_zs += -(gmx * fx * x + gmy * fy * y) * inv_z * inv_z - (g_rx * x + g_ry * y) * inv_z * inv_z
+    g_z = tl.where(in_range, g_zs, 0.0) + gz_out
+    tl.atomic_add(grad_means_ptr + n * 3, r00 * g_x + r10 * g_y + r20 * g_z, mask=m)
+    tl.atomic_add(grad_means_ptr + n * 3 + 1, r01 * g_x + r11 * g_y + r21 * g_z, mask=m)
+    tl.atomic_add(grad_means_ptr + n * 3 + 2, r02 * g_x + r12 * g_y + r22 * g_z, mask=m)
+
+
+class _ProjectTriton(torch.autograd.Function):
+    """The fused projection with its fused backward: gradients of means2d, conics and depths reach means, quats
+    and scales (opacities only set the footprint, which is not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width, height, near, far):
+        proj = _project_launch(means, quats, scales, opacities, viewmats, Ks, width, height, near, far)
+        ctx.save_for_backward(_f32(means), _f32(quats), _f32(scales), _f32(viewmats), _f32(Ks))
+        ctx.meta = (width, height, near, far, means.dtype, quats.dtype, scales.dtype)
+        ctx.mark_non_differentiable(proj.radii, proj.tile_box, proj.visible)
+        return proj.means2d, proj.conics, proj.depths, proj.radii, proj.tile_box, proj.visible
+
+    @staticmethod
+    def backward(ctx, grad_means2d, grad_conics, grad_depths, *_):
+        means, quats, scales, viewmats, Ks = ctx.saved_tensors
+        width, height, near, far, dm, dq, ds = ctx.meta
+        batch, num = viewmats.shape[0], means.shape[0]
+        zeros = lambda *shape: torch.zeros(*shape, device=means.device)  # noqa: E731
+        grad_means2d = zeros(batch, num, 2) if grad_means2d is None else _f32(grad_means2d)
+        grad_conics = zeros(batch, num, 3) if grad_conics is None else _f32(grad_conics)
+        grad_depths = zeros(batch, num) if grad_depths is None else _f32(grad_depths)
+        grad_means, grad_quats, grad_scales = zeros(num, 3), zeros(num, 4), zeros(num, 3)
+        if num:
+            grid = (triton.cdiv(num, PROJECT_BLOCK), batch)
+            _project_backward_kernel[grid](means, quats, scales, viewmats, Ks, grad_means2d, grad_conics, grad_depths,
+                                           grad_means, grad_quats, grad_scales, num, width, height, float(near),
+                                           float(far), LOW_PASS=projection.LOW_PASS, BLOCK=PROJECT_BLOCK)
+        return grad_means.to(dm), grad_quats.to(dq), grad_scales.to(ds), None, None, None, None, None, None, None
+
+
+def project_gaussians_triton_autograd(means, quats, scales, opacities, viewmats, Ks, width: int, height: int,
+                                      near: float = 0.01, far: float = 100.0) -> Projection:
+    """The fused projection, differentiable w.r.t. means, quats and scales (for training)."""
+    means2d, conics, depths, radii, box, visible = _ProjectTriton.apply(
+        means, quats, scales, opacities, viewmats, Ks, width, height, near, far)
+    return Projection(means2d, conics, depths, radii, box, visible)
