@@ -9,8 +9,8 @@ On CUDA: a synthetic head-like cloud (100k Gaussians: flat discs tangent to an e
 - forward only (``torch.no_grad``) and forward + backward (gradients of means, quats, scales, opacities,
   colours), batch 1, 8, 16 and 32, per backend (triton; the PyTorch reference at batch 1 only, for scale;
   gsplat when it imports): ms per call and frames/s (= batch / time);
-- where the time of one triton frame goes (projection: the fused kernel used when rendering without gradients,
-  and the torch ops that training differentiates through; binning with its one host sync; compositing);
+- where the time of one triton frame goes (projection: the fused kernel the triton backend uses, beside the
+  torch ops of the reference backend for comparison; binning with its one host sync; compositing);
 - a sweep of the triton kernel configurations (rows per program, Gaussians per chunk, warps) at batch 1 and 16,
   to set the defaults in ``raster/triton_kernels.py`` from measurements; the main rows use the defaults;
 - tile statistics: visible Gaussians, intersections, mean and max list length.
@@ -123,7 +123,7 @@ def breakdown(cloud, size, focal, distance, device, iters, warmup):
     features = torch.cat([cloud["colors"].expand(1, -1, -1), proj.depths[..., None]], dim=-1)
     with torch.no_grad():
         stages = {"projection (fused kernel, rendering)": lambda: project_gaussians_triton(*args),
-                  "projection (torch ops, training)": lambda: project_gaussians(*args),
+                  "projection (torch ops, the reference backend's)": lambda: project_gaussians(*args),
                   "binning (sort, 1 sync)": lambda: bin_gaussians(proj, size, size),
                   "compositing kernel": lambda: rasterize_triton(proj, tiles, cloud["opacities"], features, size,
                                                                  size)}
