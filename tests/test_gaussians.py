@@ -368,7 +368,7 @@ def test_run_end_to_end_with_the_gaussian_field(fakes_env, portrait_file, tmp_pa
     out = tmp_path / "r"
     argv = ["run", str(portrait_file), "--out", str(out), "--image2video", "fake", "--segmenter", "fake",
             "--tracker", "fake", "--field", "gaussians", "--restorer", "fake", "--profile", "tiny",
-            "--device", "cpu", "-q", "--rounds", "1"]
+            "--device", "cpu", "-q", "--rounds", "1", "--set", "field.iterations=6"]
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0, capsys.readouterr().err
