@@ -194,9 +194,10 @@ def test_reference_is_fast_enough_on_the_cpu():
 AGREEMENT_CHECK = """
 import sys, torch
 sys.path[:0] = [{tests!r}, {plugins!r}]
-from test_gaussians_raster import agreement, projection_agreement
+from test_gaussians_raster import agreement, empty_scene_check, projection_agreement
 print(*agreement(width={width}, height={height}, num={num}, batch={batch}, device={device!r}))
 print(*projection_agreement(width={width}, height={height}, num={num}, batch={batch}, device={device!r}))
+print(*empty_scene_check({device!r}))
 """
 
 
@@ -266,6 +267,24 @@ def projection_agreement(width, height, num, batch, device):
             "mismatch", int((proj.radii != ref_proj.radii).sum() + (proj.tile_box != ref_proj.tile_box).sum()))
 
 
+def empty_scene_check(device):
+    """Every Gaussian behind the cameras, and no Gaussians at all: both backends return the background, alpha
+    0, and zero (finite) gradients."""
+    worst = 0.0
+    for num in (5, 0):
+        scene = make_scene(num, 20, 18, batch=2, seed=9, device=device)
+        scene["means"][:, 2] = -10.0
+        for backend in ("torch", "triton"):
+            leaves = {k: (v.clone().requires_grad_() if k in ("means", "colors", "opacities") else v)
+                      for k, v in scene.items()}
+            out = render(leaves, 20, 18, backend, torch.tensor([0.2, 0.4, 0.6], device=device))
+            (out["image"].sum() + out["alpha"].sum()).backward()
+            background = torch.tensor([0.2, 0.4, 0.6], device=device)
+            worst = max(worst, float((out["image"].detach() - background).abs().max()),
+                        float(out["alpha"].detach().abs().max()), float(leaves["means"].grad.abs().sum()) if num else 0.0)
+    return "empty", worst
+
+
 def _parse(stdout):
     words = stdout.split()
     return {words[i]: float(words[i + 1]) for i in range(0, len(words) - 1, 2)}
@@ -290,6 +309,7 @@ def test_triton_matches_the_reference_in_the_interpreter():
     # The fused projection and its backward kernel against autograd through the torch projection.
     assert found["visible_1"] == 1 and found["clamped_grad"] > 0, found
     assert found["outputs"] <= 1e-5 and found["grads"] <= 1e-4 and found["mismatch"] == 0, found
+    assert found["empty"] == 0, found  # nothing visible / no Gaussians: background, alpha 0, zero gradients
 
 
 @pytest.mark.gpu

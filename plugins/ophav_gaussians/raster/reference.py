@@ -32,7 +32,10 @@ def composite_pixels(pix: torch.Tensor, means2d, conics, opacities, features):
     after = torch.cumprod(1 - alpha, dim=1)
     before = torch.cat([torch.ones_like(after[:, :1]), after[:, :-1]], dim=1)
     weights = alpha * before
-    return weights @ features, after[:, -1]
+    # An empty list still returns tensors attached to the inputs' graph (so a frame with nothing visible
+    # back-propagates zeros instead of failing).
+    final = after[:, -1] if after.shape[1] else torch.prod(1 - alpha, dim=1)
+    return weights @ features, final
 
 
 def rasterize_reference(proj: Projection, opacities: torch.Tensor, features: torch.Tensor, width: int, height: int):
@@ -55,10 +58,6 @@ def rasterize_reference(proj: Projection, opacities: torch.Tensor, features: tor
             for tx, x_start in enumerate(range(0, width, TILE)):
                 tile_h, tile_w = min(TILE, height - y_start), min(TILE, width - x_start)
                 ids = order[(box[:, 0] <= tx) & (box[:, 1] >= tx) & (box[:, 2] <= ty) & (box[:, 3] >= ty)]
-                if ids.numel() == 0:
-                    row.append(torch.zeros(tile_h, tile_w, channels, dtype=dtype, device=device))
-                    row_t.append(torch.ones(tile_h, tile_w, dtype=dtype, device=device))
-                    continue
                 ys = torch.arange(y_start, y_start + tile_h, device=device, dtype=dtype) + 0.5
                 xs = torch.arange(x_start, x_start + tile_w, device=device, dtype=dtype) + 0.5
                 pix = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
