@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--gaussians", type=int, default=None, help="default 100k on CUDA, 3k on the CPU")
     parser.add_argument("--size", type=int, default=None, help="default 512 on CUDA, 64 on the CPU")
     parser.add_argument("--no-sweep", action="store_true", help="skip the kernel configuration sweep")
+    parser.add_argument("--backends", nargs="+", default=None, choices=["triton", "torch", "gsplat"],
+                        help="default: every one available (gsplat JIT-compiles its CUDA code on first use)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -200,6 +202,8 @@ def main() -> None:
     backends = (["triton"] if cuda and triton_available() else []) + ["torch"]
     if cuda and gsplat_available():
         backends.append("gsplat")
+    if args.backends:
+        backends = [b for b in backends if b in args.backends]
     batches = (1, 8, 16, 32) if cuda else (1, 2)
     rows = []
     for backend in backends:
