@@ -166,8 +166,10 @@ def test_weights_add_verifies_the_structure(store, model_file, tmp_path):
         weights.add(FLAME_2020, wrong)
 
 
-def test_not_ready_without_a_model_names_the_file_and_its_source(store, model_file):
+def test_not_ready_without_a_model_names_the_file_and_its_source(store, model_file, capsys, monkeypatch):
     import shutil
+
+    from ophav_core.cli import main
 
     from ophav_core import plugins
     from ophav_core.cli.run import plugin_rows
@@ -176,6 +178,11 @@ def test_not_ready_without_a_model_names_the_file_and_its_source(store, model_fi
     assert not row["ready"] and row["weights"] == {"flame-2020": "missing"}
     assert "generic_model.pkl" in row["summary"] and "https://flame.is.tue.mpg.de" in row["summary"]
     assert "ophav weights add flame-2020" in row["summary"]
+    monkeypatch.setenv("COLUMNS", "400")  # rich cuts cells to the terminal's width
+    with pytest.raises(SystemExit):
+        main(["plugins"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if " flame " in x)
+    assert "weights: flame-2020 (missing: generic_model.pkl from https://flame.is.tue.mpg.de" in line, line
     store.mkdir(parents=True, exist_ok=True)
     shutil.copy(model_file, store / "flame2023_Open.pkl")  # any one of the three files makes it ready
     plugins.reset_host()

@@ -85,10 +85,12 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="machine-readable
     from rich.console import Console
     from rich.table import Table
 
+    known = get_host().weights
     table = Table("stage", "name", "package", "version", "ready", "needs")
     for row in rows:
         needs = [f"pip: {m}" for m in row["missing_requirements"]]
-        needs += [f"weights: {w} ({s})" for w, s in row["weights"].items() if s != "present"]
+        needs += [f"weights: {w} ({s}: {known[w].filename} from {known[w].url})" if w in known else f"weights: {w} ({s})"
+                  for w, s in row["weights"].items() if s != "present"]
         table.add_row(row["stage"], row["name"], row["package"], row["version"], "yes" if row["ready"] else "no",
                       ", ".join(needs))
     console = Console()

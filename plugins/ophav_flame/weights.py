@@ -53,8 +53,7 @@ def choose(model: str = "auto") -> WeightFile:
     return FLAME_WEIGHTS[found[0]] if found else FLAME_2020
 
 
-def missing_summary() -> str:
-    """One line for ``ophav plugins`` when no FLAME model is in the store."""
-    return (f"needs FLAME: generic_model.pkl (FLAME 2020), flame2023.pkl or flame2023_Open.pkl (CC-BY) from "
-            f"{FLAME_SITE} (registration required; not redistributable), added with "
-            f"`ophav weights add flame-2020 /path/to/generic_model.pkl` (stored at {path_of(FLAME_2020)})")
+REQUIREMENT = (f"Needs FLAME, which you download yourself: generic_model.pkl (FLAME 2020), flame2023.pkl or "
+               f"flame2023_Open.pkl (FLAME 2023 Open, CC-BY-4.0) from {FLAME_SITE} (registration required; not "
+               f"redistributable), then `ophav weights add flame-2020 /path/to/generic_model.pkl`")
+"""One line for ``ophav plugins`` and the docs (static: the docs are generated from it)."""
