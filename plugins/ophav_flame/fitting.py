@@ -33,11 +33,12 @@ SIGMA = 0.01  # landmark noise scale: 1 % of the face width
 @dataclass
 class FitSettings:
     iterations: int = 6
-    shape_prior: float = 0.03
-    expression_prior: float = 0.01
+    shape_prior: float = 0.003
+    expression_prior: float = 0.001
     pose_prior: float = 1.0
-    smooth: float = 1.0
+    smooth: float = 0.3
     fit_shape: bool = True
+    threads: int = 1  # torch CPU threads during the fit (its matrices are small: one thread wastes least)
 
 
 @dataclass
@@ -102,16 +103,20 @@ class LandmarkModel:
         out = self.w_root * v + self.w_neck * v_neck + self.w_jaw * v_jaw
         return (out, Rn, Rnj) if parts else out
 
-    def coefficient_jacobian(self, Rn: torch.Tensor, Rnj: torch.Tensor, columns: slice) -> torch.Tensor:
-        """(B, L, 3, k) derivative of the points (FLAME coordinates) by the coefficients ``columns``."""
+    def projected_jacobian(self, P: torch.Tensor, Rn: torch.Tensor, Rnj: torch.Tensor, columns: slice) -> torch.Tensor:
+        """(B, L, a, k): ``P`` (B, L, a, 3), the derivative of some output by the points (FLAME coordinates),
+        times the derivative of the points by the coefficients ``columns``. Fused: the (B, L, 3, k) derivative of
+        the points is never formed."""
         Bc = self.dirs[:, :, columns]
         J1d, J2d = self.J_dirs[1, :, columns], self.J_dirs[2, :, columns]
         eye = torch.eye(3, dtype=Rn.dtype, device=Rn.device)
-        rot_B = lambda R: torch.einsum("bij,ljk->blik", R, Bc)  # noqa: E731
-        neck_shift = torch.einsum("bij,jk->bik", eye - Rn, J1d)[:, None]
-        jaw_shift = torch.einsum("bij,jk->bik", Rn - Rnj, J2d)[:, None] + neck_shift
-        return (self.w_root[..., None] * Bc + self.w_neck[..., None] * (rot_B(Rn) + neck_shift)
-                + self.w_jaw[..., None] * (rot_B(Rnj) + jaw_shift))
+        Rn_, Rnj_ = Rn[:, None], Rnj[:, None]
+        M = self.w_root[..., None] * P + self.w_neck[..., None] * (P @ Rn_) + self.w_jaw[..., None] * (P @ Rnj_)
+        out = torch.einsum("blaj,ljk->blak", M, Bc)
+        shifts = torch.cat([torch.einsum("bij,jk->bik", eye - Rn, J1d),          # neck: (I - Rn) J1
+                            torch.einsum("bij,jk->bik", Rn - Rnj, J2d)], 1)      # jaw: (Rn - Rnj) J2
+        Pw = torch.cat([(self.w_neck + self.w_jaw)[..., None] * P, self.w_jaw[..., None] * P], -1)
+        return out + torch.einsum("blaj,bjk->blak", Pw, shifts)
 
 
 def fit(layer: FlameLayer, triangles: np.ndarray, bary: np.ndarray, observed: np.ndarray, valid: np.ndarray,
@@ -127,6 +132,18 @@ def fit(layer: FlameLayer, triangles: np.ndarray, bary: np.ndarray, observed: np
     (one batched D x D solve per frame, one S x S solve). Jacobians: analytic for the coefficients and the
     translation, central differences for the 9 rotation parameters. Temporal smoothness enters each frame's
     block with its neighbours' current values as the anchor (block Jacobi)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _fit(layer, triangles, bary, observed, valid, K, R0, t0, settings, landmark_weights, shape, video,
+                    device, init, trace)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(layer, triangles, bary, observed, valid, K, R0, t0, settings, landmark_weights, shape, video, device, init,
+         trace) -> FitResult:
     start = time.perf_counter()
     dev = torch.device(device)
     dt = torch.float32
@@ -212,7 +229,7 @@ def fit(layer: FlameLayer, triangles: np.ndarray, bary: np.ndarray, observed: np
             Pu = Pu * sw[..., None]
             PR = Pu @ R[:, None]                              # d proj / d q_head
             PRh = PR * head                                   # d proj / d q_flame
-            Jc = torch.einsum("nlaj,nljk->nlak", PRh, model.coefficient_jacobian(Rn, Rnj, slice(0, S + E)))
+            Jc = model.projected_jacobian(PRh, Rn, Rnj, slice(0, S + E))
             J_psi, J_beta = Jc[..., S:].reshape(n, 2 * L, E), Jc[..., :S].reshape(n, 2 * L, S)
             J_tau = Pu.reshape(n, 2 * L, 3)
             cols = []

@@ -25,13 +25,15 @@ class FlameTrackerOptions(BaseModel):
         "exact FLAME meshes), so R (canonical + basis . expression) + t reproduces the FLAME mesh"))
     iterations: int | None = Field(None, ge=1, le=100, description=(
         "Levenberg-Marquardt iterations of the batched fit (default: 4 tiny, 6 preview, 8 standard and paper)"))
-    shape_prior: float = Field(0.03, ge=0, description="weight of |shape|^2 (FLAME units: standard deviations)")
-    expression_prior: float = Field(0.01, ge=0, description="weight of |expression|^2 per frame")
+    shape_prior: float = Field(0.003, ge=0, description="weight of |shape|^2 (FLAME units: standard deviations)")
+    expression_prior: float = Field(0.001, ge=0, description="weight of |expression|^2 per frame")
     pose_prior: float = Field(1.0, ge=0, description="weight of |jaw|^2 per frame (radians^2; the neck's is 10x)")
-    smooth: float = Field(1.0, ge=0.0, le=100.0, description=(
+    smooth: float = Field(0.3, ge=0.0, le=100.0, description=(
         "temporal smoothness for videos: weight of the first differences of every per-frame parameter (0 = off)"))
     focal_scale: float = Field(1.5, gt=0.1, le=20.0, description=(
         "assumed focal length in units of the larger image side (as the mediapipe tracker)"))
     focal_length: float | None = Field(None, gt=0, description="focal length in pixels; overrides focal_scale")
     device: str = Field("auto", description="torch device for the fit: auto (the run's device), cpu, cuda")
-    threads: int = Field(0, ge=0, le=256, description="torch CPU threads (0 = torch's default)")
+    threads: int = Field(0, ge=0, le=256, description=(
+        "torch CPU threads of the fit (0 = one: its matrices are small, and more threads on a busy machine cost "
+        "more than they bring)"))

@@ -115,8 +115,6 @@ class FlameTracker(Tracker):
 
     def track(self, frames: FrameSet, *, single_image: bool = False, reference: Tracking | None = None,
               source: str = "") -> Tracking:
-        import torch
-
         from ophav_flame import fitting
         from ophav_flame.model import to_head
 
@@ -124,8 +122,6 @@ class FlameTracker(Tracker):
         if reference is not None and reference.mesh_type != MESH_TYPE:
             raise InvalidData(f"reference tracking has mesh type {reference.mesh_type!r}; the flame tracker "
                               f"needs {MESH_TYPE!r}")
-        if self.options.threads:
-            torch.set_num_threads(self.options.threads)
         o = self.options
         model, layer = self.model(), self.layer()
         mp_tracker = self._landmark_tracker()
@@ -149,7 +145,7 @@ class FlameTracker(Tracker):
         profile = getattr(getattr(self.context, "profile", None), "name", "standard")
         settings = fitting.FitSettings(
             iterations=o.iterations or _ITERATIONS.get(profile, 8), shape_prior=o.shape_prior,
-            expression_prior=o.expression_prior, pose_prior=o.pose_prior, smooth=o.smooth)
+            expression_prior=o.expression_prior, pose_prior=o.pose_prior, smooth=o.smooth, threads=o.threads or 1)
         device = self._device()
         video = not single_image and len(frames) > 2
         result = fitting.fit(layer, emb.triangles, emb.bary, observed, valid, K, R0, t0, settings,
