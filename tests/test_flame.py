@@ -311,3 +311,32 @@ def test_tiny_run_end_to_end_with_the_flame_tracker(store, model_file, tmp_path,
     assert (out / "avatar" / "avatar.ckpt").is_file()
     portrait_tracking = Tracking.load(out / "input" / "portrait_tracking.npz")
     assert portrait_tracking.mesh_type == "flame" and len(portrait_tracking) == 1
+
+
+@pytest.mark.data
+def test_tracker_contract_and_named_expressions_on_a_driving_video(store, model_file, shared_data):
+    """The Tracker contract (mesh rebuilt from the basis, rotations, the five landmarks, reference=) on 12 frames
+    of a real video, the landmarks within 1.5 % of the face width with the synthetic model, and a named expression
+    (MediaPipe's smile carried through the embedding) moving the mouth corners."""
+    import shutil
+
+    from ophav_core.media import read_video
+    from ophav_core.plugins import get_host
+    from ophav_core.stages.motion import Motion
+    from ophav_core.testing.contracts import check_tracker, tiny_context
+
+    store.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_file, store / "generic_model.pkl")
+    frames = read_video(shared_data / "driving" / "talk_78f.mp4", max_frames=12)
+    tracker = get_host().registry.get("tracker", "flame").create({}, tiny_context())
+    tracking = check_tracker(tracker, frames)
+    assert tracking.mesh_type == "flame" and tracking.vertices.shape == (12, 5023, 3)
+    assert np.nanmean(tracker.last_fit["reprojection"]) < 0.015, tracker.last_fit["reprojection"]
+    n = 3
+    smile = Motion(fps=5.0, yaw=np.zeros(n), pitch=np.zeros(n), roll=np.zeros(n),
+                   expressions={"smile": np.array([0.0, 0.5, 1.0])})
+    offsets = tracker.expression_offsets(smile, tracking)
+    assert offsets.shape == (n, 5023, 3) and np.abs(offsets[0]).max() < 1e-6
+    corners = np.concatenate([tracking.semantic["mouth_left"], tracking.semantic["mouth_right"]])
+    moved = np.linalg.norm(offsets[2], axis=1)
+    assert moved[corners].mean() > 0.1 and moved[corners].mean() > 3 * np.median(moved), moved[corners]
