@@ -340,3 +340,13 @@ def test_tracker_contract_and_named_expressions_on_a_driving_video(store, model_
     corners = np.concatenate([tracking.semantic["mouth_left"], tracking.semantic["mouth_right"]])
     moved = np.linalg.norm(offsets[2], axis=1)
     assert moved[corners].mean() > 0.1 and moved[corners].mean() > 3 * np.median(moved), moved[corners]
+    # A long video is fitted in chunks with the shape from frames spread over it (here: chunks of 5 frames).
+    import ophav_flame.tracker as module
+
+    module._CHUNK, module._SHAPE_FRAMES = 5, 6
+    try:
+        chunked = tracker.track(frames)
+    finally:
+        module._CHUNK, module._SHAPE_FRAMES = 256, 128
+    assert chunked.vertices.shape == (12, 5023, 3)
+    assert np.nanmean(tracker.last_fit["reprojection"]) < 0.015, tracker.last_fit["reprojection"]

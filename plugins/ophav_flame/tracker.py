@@ -10,7 +10,8 @@ Per call:
    canonical mesh to FLAME's template, cached beside the model; or a MICA embedding file.
 3. The batched fit (:mod:`ophav_flame.fitting`): shared shape, per-frame expression, jaw, neck, rotation and
    translation, Levenberg-Marquardt over all frames at once, temporal smoothness for videos; frames without a
-   face are carried by the smoothness (``valid`` False).
+   face are carried by the smoothness (``valid`` False). Videos longer than 256 frames: the shape from 128
+   frames spread over the video, then chunks of 256 frames with it fixed.
 4. The contract: ``canonical_vertices`` is the person's neutral FLAME head (ophav head space, cm: FLAME's
    origin, x = subject's left, y down, z into the screen); ``expression`` is the ``num_expressions`` FLAME
    expression coefficients followed by ``pose_components`` coefficients that carry the jaw and neck rotation
@@ -38,6 +39,10 @@ from ophav_flame.options import FlameTrackerOptions
 
 MESH_TYPE = "flame"
 _ITERATIONS = {"tiny": 4, "preview": 6}
+# Longer videos are fitted in chunks of this many frames (memory: the Jacobians are ~0.5 MB a frame), the shape
+# first from at most _SHAPE_FRAMES frames spread over the video, then held fixed.
+_CHUNK = 256
+_SHAPE_FRAMES = 128
 
 
 class FlameTracker(Tracker):
@@ -148,8 +153,7 @@ class FlameTracker(Tracker):
             expression_prior=o.expression_prior, pose_prior=o.pose_prior, smooth=o.smooth, threads=o.threads or 1)
         device = self._device()
         video = not single_image and len(frames) > 2
-        result = fitting.fit(layer, emb.triangles, emb.bary, observed, valid, K, R0, t0, settings,
-                             landmark_weights=weights, video=video, device=device)
+        result = self._fit(emb, observed, valid, K, R0, t0, settings, weights, video, device)
         t_fit = time.perf_counter() - start - t_detect
         meshes = fitting.full_mesh(layer, result.shape, result.expression, result.jaw, result.neck, device=device)
         E = layer.num_expressions
@@ -187,6 +191,24 @@ class FlameTracker(Tracker):
             "neck": result.neck, "flame_expression": result.expression,
         }
         return tracking
+
+    def _fit(self, emb, observed, valid, K, R0, t0, settings, weights, video, device):
+        """All frames at once, or for a long video: the shape from frames spread over it, then chunks."""
+        from ophav_flame import fitting
+
+        layer, n = self.layer(), len(observed)
+        fit = lambda idx, s, shape=None, vid=video: fitting.fit(  # noqa: E731
+            layer, emb.triangles, emb.bary, observed[idx], valid[idx], K, R0[idx], t0[idx], s,
+            landmark_weights=weights, shape=shape, video=vid, device=device)
+        if n <= _CHUNK:
+            return fit(slice(None), settings)
+        spread = np.unique(np.linspace(0, n - 1, min(_SHAPE_FRAMES, n)).round().astype(int))
+        shape = fit(spread, settings, vid=False).shape
+        fixed = dataclasses.replace(settings, fit_shape=False)
+        parts = [fit(slice(a, min(a + _CHUNK, n)), fixed, shape) for a in range(0, n, _CHUNK)]
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        return fitting.FitResult(shape, cat("expression"), cat("jaw"), cat("neck"), cat("rotation"), cat("translation"),
+                                 cat("error"), sum(p.seconds for p in parts), parts[0].iterations)
 
     def expressions_for(self, motion: Motion, tracking: Tracking) -> np.ndarray:
         """Coefficients (N, E) in ``tracking``'s basis for a motion's named expressions: MediaPipe's named
