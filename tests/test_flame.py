@@ -297,11 +297,9 @@ def test_tiny_run_end_to_end_with_the_flame_tracker(store, model_file, tmp_path,
     portrait = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
-        # meshwarp crops around the tracked mesh: the full head (neck, scalp) is ~2x the face, so its crop scale
-        # is halved to frame the face as it does for MediaPipe's face mesh.
+        # The defaults: meshwarp sizes its crop on the face outline, not on the full head (neck, scalp).
         main(["run", str(portrait), "--out", str(out), "--tracker", "flame", "--field", "fake", "--restorer", "fake",
-              "--profile", "tiny", "--device", "cpu", "-q", "--rounds", "1", "--set", "image2video.crop_scale=1.09",
-              "--set", "image2video.min_crop_scale=1.0", "--set", "image2video.crop_shift=0.03"])
+              "--profile", "tiny", "--device", "cpu", "-q", "--rounds", "1"])
     assert info.value.code == 0, capsys.readouterr().err
     tracking = Tracking.load(out / "track" / "tracking.npz")
     assert tracking.mesh_type == "flame" and tracking.vertices.shape[1:] == (5023, 3)

@@ -67,9 +67,8 @@ class MeshWarp(Image2Video):
 
         size = self.resolution
         full = self._track_image(portrait.image, portrait.source)
-        box = integer_box(crop_box(full.project(full.vertices[0].astype(np.float64)), portrait.size,
-                                   self.options.crop_scale, self.options.crop_shift,
-                                   self.options.min_crop_scale))
+        box = integer_box(crop_box(full.project(face_points(full)), portrait.size, self.options.crop_scale,
+                                   self.options.crop_shift, self.options.min_crop_scale))
         crop = crop_image(portrait.image, box, size)
         tracking = self._track_image(crop, f"{portrait.source or 'the portrait'} (cropped)")
         head_alpha = self._head_matte(crop, tracking) if self.options.head_matte else None
@@ -110,3 +109,14 @@ class MeshWarp(Image2Video):
         return WarpSettings(symmetry_fill=o.symmetry_fill, mouth_fill=o.mouth_fill, eye_fill=o.eye_fill,
                             neck_follow=o.neck_follow, pivot_depth=o.pivot_depth, field_grid=o.field_grid,
                             feather_px=max(1.0, 1.5 * self.resolution / 512))
+
+
+def face_points(tracking: Tracking) -> np.ndarray:
+    """The first frame's vertices the crop is sized on: the face outline where the topology names one (a
+    full-head mesh such as FLAME's is about twice the face, and the crop scales are in face sizes), else all of
+    them (MediaPipe's mesh is the face: its outline spans the same box)."""
+    vertices = tracking.vertices[0].astype(np.float64)
+    oval = tracking.semantic.get("face_oval")
+    if oval is not None and len(oval) >= 3:
+        return vertices[np.asarray(oval, np.int64)]
+    return vertices
