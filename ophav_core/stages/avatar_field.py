@@ -26,6 +26,28 @@ class AvatarCheckpoint:
 class AvatarField(Component):
     stage = "field"
 
+    def torch_device(self):
+        """The run's device as a ``torch.device``; a one-line error when it asks for CUDA that torch cannot see."""
+        import torch
+
+        from ophav_core.errors import UsageError
+
+        device = torch.device(self.context.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("the run asks for CUDA but torch sees no GPU")
+        return device
+
+    def planned_iterations(self, init: "AvatarCheckpoint | None", iterations: int | None) -> int:
+        """What :meth:`fit` trains for: ``iterations`` when given, else the component's ``iterations`` option,
+        else the profile's (``refit_iterations`` when continuing from ``init``, else ``fit_iterations``)."""
+        if iterations is not None:
+            return int(iterations)
+        option = getattr(self.options, "iterations", None)
+        if option is not None:
+            return int(option)
+        profile = self.context.profile
+        return int(profile.refit_iterations if init is not None else profile.fit_iterations)
+
     @abstractmethod
     def fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, out: Path,
             init: AvatarCheckpoint | None = None, iterations: int | None = None) -> AvatarCheckpoint:

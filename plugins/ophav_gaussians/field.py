@@ -54,14 +54,6 @@ class GaussianField(AvatarField):
 
     # ------------------------------------------------------------------ helpers
 
-    def _device(self):
-        import torch
-
-        device = torch.device(self.context.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("the run asks for CUDA but torch sees no GPU")
-        return device
-
     def _backend(self, device) -> str:
         from ophav_gaussians.train import resolve_backend
 
@@ -70,23 +62,15 @@ class GaussianField(AvatarField):
         except (RuntimeError, ValueError) as exc:
             raise UsageError(f"gaussians: {exc}") from None
 
-    def _iterations(self, init: AvatarCheckpoint | None, iterations: int | None) -> int:
-        if iterations is not None:
-            return int(iterations)
-        if self.options.iterations is not None:
-            return int(self.options.iterations)
-        profile = self.context.profile
-        return int(profile.refit_iterations if init is not None else profile.fit_iterations)
-
     # ------------------------------------------------------------------ fit
 
     def fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, out: Path,
             init: AvatarCheckpoint | None = None, iterations: int | None = None) -> AvatarCheckpoint:
         from ophav_gaussians.train import Stopwatch, psnr
 
-        device = self._device()
+        device = self.torch_device()
         backend = self._backend(device)
-        total = self._iterations(init, iterations)
+        total = self.planned_iterations(init, iterations)
         trainer, previous = build_trainer(self.options, self.context.profile.name, frames, masks, tracking, device,
                                           self.context.seed, backend, total,
                                           init.path if init is not None else None)
@@ -133,7 +117,7 @@ class GaussianField(AvatarField):
 
         from ophav_gaussians.model import Gaussians
 
-        device = self._device()
+        device = self.torch_device()
         stat = Path(path).stat()
         key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, str(device))
         if key in self._cache:
@@ -160,7 +144,7 @@ class GaussianField(AvatarField):
         if request.expression.shape[1] != model.template.num_expressions:
             raise InvalidData(f"RenderRequest.expression has {request.expression.shape[1]} coefficients, the avatar "
                               f"{model.template.num_expressions}")
-        device = self._device()
+        device = self.torch_device()
         backend = self._backend(device)
         width, height = (int(s) for s in request.resolution)
         n = len(request)

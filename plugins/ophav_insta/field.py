@@ -57,14 +57,6 @@ class InstaField(AvatarField):
 
     # ------------------------------------------------------------------ helpers
 
-    def _device(self):
-        import torch
-
-        device = torch.device(self.context.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("the run asks for CUDA but torch sees no GPU")
-        return device
-
     def _backend(self, device) -> str:
         from ophav_insta.hashgrid import resolve_backend
 
@@ -79,23 +71,15 @@ class InstaField(AvatarField):
         except RuntimeError as exc:
             raise UsageError(f"insta: {exc}") from None
 
-    def _iterations(self, init: AvatarCheckpoint | None, iterations: int | None) -> int:
-        if iterations is not None:
-            return int(iterations)
-        if self.options.iterations is not None:
-            return int(self.options.iterations)
-        profile = self.context.profile
-        return int(profile.refit_iterations if init is not None else profile.fit_iterations)
-
     # ------------------------------------------------------------------ fit
 
     def fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, out: Path,
             init: AvatarCheckpoint | None = None, iterations: int | None = None) -> AvatarCheckpoint:
         from ophav_insta.train import Stopwatch, psnr
 
-        device = self._device()
+        device = self.torch_device()
         backend = self._backend(device)
-        total = self._iterations(init, iterations)
+        total = self.planned_iterations(init, iterations)
         trainer, previous = build_trainer(self.options, frames, masks, tracking, device, self.context.seed, backend,
                                           total, init.path if init is not None else None)
         deform_backend = trainer.deformer.backend
@@ -142,7 +126,7 @@ class InstaField(AvatarField):
         from ophav_insta.model import CanonicalField, FieldConfig, Geometry
         from ophav_insta.render import OccupancyGrid
 
-        device = self._device()
+        device = self.torch_device()
         stat = Path(path).stat()
         key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, str(device), self.options.backend,
                self.options.deform_backend, self.options.compile)
@@ -195,7 +179,7 @@ class InstaField(AvatarField):
         if request.expression.shape[1] != template.num_expressions:
             raise InvalidData(f"RenderRequest.expression has {request.expression.shape[1]} coefficients, the avatar "
                               f"{template.num_expressions}")
-        device = self._device()
+        device = self.torch_device()
         width, height = (int(s) for s in request.resolution)
         n = len(request)
         rgb = np.zeros((n, height, width, 3), np.uint8)
