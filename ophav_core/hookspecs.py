@@ -52,5 +52,5 @@ def register_weights(register) -> None:
 
 @hookspec
 def register_metric(register) -> None:
-    """Register metrics (:class:`~ophav_core.study.metrics.MetricSpec`) that ``ophav eval`` and ``ophav ablate``
+    """Register metrics (:class:`~ophav_core.stages.metric.MetricSpec`) that ``ophav eval`` and ``ophav ablate``
     report."""

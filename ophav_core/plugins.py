@@ -45,7 +45,7 @@ class PluginInfo:
 @dataclass
 class PluginHost:
     """The loaded plugins, the components they register, the weights files they declare and the metrics they
-    offer (name -> :class:`~ophav_core.study.metrics.MetricSpec`)."""
+    offer (name -> :class:`~ophav_core.stages.metric.MetricSpec`)."""
 
     manager: pluggy.PluginManager
     registry: Registry
@@ -159,7 +159,7 @@ def _register_weight(weights: dict[str, Any], info: PluginInfo, weight) -> None:
 
 
 def _register_metric(metrics: dict[str, Any], info: PluginInfo, spec) -> None:
-    from ophav_core.study.metrics import MetricSpec
+    from ophav_core.stages.metric import MetricSpec
 
     if not isinstance(spec, MetricSpec):
         raise TypeError(f"plugin {info.name}: register() takes a MetricSpec, got {type(spec).__name__}")

@@ -133,10 +133,10 @@ def check_restorer(component: Restorer, batch: RestoreInput | None = None) -> np
 
 
 def synthetic_metric_inputs(num: int = 4, size: int = 64, protocol: str = "self", seed: int = 0):
-    """MetricInputs with every input of :data:`~ophav_core.study.metrics.INPUTS` filled from the synthetic head
+    """MetricInputs with every input of :data:`~ophav_core.stages.metric.INPUTS` filled from the synthetic head
     (renders = the synthetic frames slightly changed, ground truth = the frames), so any metric can run."""
     from ophav_core.study.evaluation import matte, tracked_head_region
-    from ophav_core.study.metrics import MetricInputs
+    from ophav_core.stages.metric import MetricInputs
 
     tracking = synthetic_tracking(num, size, seed=seed)
     frames, masks = render_synthetic(tracking)
@@ -153,12 +153,13 @@ def synthetic_metric_inputs(num: int = 4, size: int = 64, protocol: str = "self"
 
 
 def check_metric(spec, inputs=None) -> dict:
-    """What every metric plugin must guarantee: a well-formed :class:`~ophav_core.study.metrics.MetricSpec`; a
+    """What every metric plugin must guarantee: a well-formed :class:`~ophav_core.stages.metric.MetricSpec`; a
     compute that (given every input it needs) returns its declared columns, each one value per render or one
     for the set, finite or NaN, the same twice; and, missing any input it declares in ``needs`` (or a required
     package), an ``n/a`` reason instead of a number. Returns the computed columns ({} when the metric cannot run
     here: its packages or weights are missing, which the reason says)."""
-    from ophav_core.study.metrics import INPUTS, MetricInputs, MetricSpec, compute_metric
+    from ophav_core.stages.metric import INPUTS, MetricInputs, MetricSpec
+    from ophav_core.study.metrics import compute_metric
 
     assert isinstance(spec, MetricSpec), f"register() takes a MetricSpec, got {type(spec).__name__}"
     assert spec.definition.strip(), f"metric {spec.name!r} has no definition (what exactly is measured?)"

@@ -3,7 +3,7 @@
 public domain"; dlib-models' README (github.com/davisking/dlib-models) says per model what it was trained on.
 The 68-point predictor is trained on iBUG 300-W, whose licence excludes commercial use, and the dataset's authors
 asked that the model not be used in commercial products. dlib itself (the dlib-bin wheel) is Boost-1.0."""
-from ophav_core.study.metrics import PackagedModel
+from ophav_core.stages.metric import PackagedModel
 
 SOURCE = "https://github.com/davisking/dlib-models"
 PACKAGE = "face-recognition-models==0.3.0"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ophav_core.errors import NoFaceFound
-from ophav_core.study.metrics import MetricInputMissing, MetricInputs
+from ophav_core.stages.metric import MetricInputMissing, MetricInputs
 
 from ophav_metrics import faces
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ophav_core.errors import InvalidData, NoFaceFound
 from ophav_core.stages.data import FrameSet, Tracking
-from ophav_core.study.metrics import MetricInputs
+from ophav_core.stages.metric import MetricInputs
 from ophav_core.weights import WeightFile
 
 AKD_WIDTH = 256  # keypoint distances are reported in pixels of an image this wide

@@ -1,7 +1,7 @@
 """Registers ophav's metrics and the weights files of the paper's networks, through the same hooks a third-party
 metric package uses. Light: the metric modules load only when a metric runs."""
 from ophav_core import hookimpl
-from ophav_core.study.metrics import Column, MetricSpec
+from ophav_core.stages.metric import Column, MetricSpec
 
 from ophav_metrics.models import DESCRIPTOR, HOG, LANDMARKS5, LANDMARKS68
 

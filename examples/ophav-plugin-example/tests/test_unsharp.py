@@ -63,7 +63,7 @@ def test_installed_entry_point_is_found():
 
 
 def test_metric_contract_and_value():
-    from ophav_core.study.metrics import MetricInputs
+    from ophav_core.stages.metric import MetricInputs
     from ophav_plugin_example import plugin
     from ophav_plugin_example.metric import head_gradient
 

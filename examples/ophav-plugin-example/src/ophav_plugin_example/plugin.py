@@ -2,7 +2,7 @@
 (no numpy/scipy work, no model loading): the registry is built on every command."""
 from ophav_core import hookimpl
 from ophav_core.registry import ComponentSpec
-from ophav_core.study.metrics import MetricSpec
+from ophav_core.stages.metric import MetricSpec
 
 
 @hookimpl
