@@ -183,7 +183,8 @@ def main() -> None:
     import torch
 
     from ophav_core.config import parse_value
-    from ophav_gaussians.field import write_checkpoint, _template
+    from ophav_core.stages.avatar_field import checkpoint_template as _template
+    from ophav_gaussians.field import write_checkpoint
     from ophav_gaussians.options import GaussianOptions
     from ophav_gaussians.train import resolve_backend
 

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from ophav_core.errors import InvalidData, UsageError
-from ophav_core.stages.avatar_field import AvatarCheckpoint, AvatarField
+from ophav_core.stages.avatar_field import (AvatarCheckpoint, AvatarField, check_continuable,
+                                            checkpoint_template, tracking_from_tensors, tracking_to_tensors)
 from ophav_core.stages.data import FrameSet, MaskSet, RenderRequest, RenderResult, Tracking, atomic_write_bytes
 from ophav_gaussians.options import GaussianOptions
 
 FORMAT, VERSION = "ophav-gaussians", 1
-TEMPLATE_FRAMES = 8
 
 
 @dataclass
@@ -101,7 +101,7 @@ class GaussianField(AvatarField):
         }
         # A continued training keeps the avatar's own template (its camera and frontal frame), whatever frames the
         # round trained on: renders of it then frame the head as the first fit did.
-        template = init.template if init is not None else _template(tracking)
+        template = init.template if init is not None else checkpoint_template(tracking)
         write_checkpoint(Path(out), trainer, template, info)
         return AvatarCheckpoint(path=Path(out), template=template, info=info)
 
@@ -199,7 +199,7 @@ def build_trainer(options: GaussianOptions, profile: str, frames: FrameSet, mask
     start_degree = 0
     if init_path is not None:
         ckpt = read_checkpoint(init_path)
-        _check_compatible(ckpt, tracking)
+        check_continuable(ckpt["template"], tracking, "gaussians")
         gaussians = Gaussians.from_state(ckpt["gaussians"])
         shell_unit, head_size = float(ckpt["shell_unit"]), float(ckpt["head_size"])
         start_degree = int(ckpt["sh_degree"])
@@ -252,34 +252,3 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if int(ckpt.get("version", 0)) > VERSION:
         raise InvalidData(f"{path} was written by a newer ophav-gaussians (version {ckpt['version']})")
     return ckpt
-
-
-def _check_compatible(ckpt: dict[str, Any], tracking: Tracking) -> None:
-    template = ckpt["template"]
-    if tuple(template["faces"].shape) != tracking.faces.shape or not np.array_equal(template["faces"].numpy(),
-                                                                                    tracking.faces):
-        raise UsageError("gaussians: the checkpoint to continue from was trained on another mesh topology")
-    if int(template["expression_basis"].shape[0]) != tracking.num_expressions:
-        raise UsageError(f"gaussians: the checkpoint has {int(template['expression_basis'].shape[0])} expression "
-                         f"coefficients, the tracking {tracking.num_expressions}")
-
-
-def _template(tracking: Tracking) -> Tracking:
-    """What rendering needs: camera, canonical mesh, faces, basis, semantic groups and a few example frames."""
-    n = len(tracking)
-    index = np.unique(np.linspace(0, n - 1, min(n, TEMPLATE_FRAMES)).round().astype(np.int64))
-    return tracking.subset(index)
-
-
-def tracking_to_tensors(tracking: Tracking) -> dict[str, Any]:
-    import torch
-
-    out: dict[str, Any] = {}
-    for key, value in tracking.to_arrays().items():
-        out[key] = str(value) if value.dtype.kind == "U" else torch.from_numpy(np.array(value, copy=True))
-    return out
-
-
-def tracking_from_tensors(data: dict[str, Any]) -> Tracking:
-    arrays = {k: np.array(v) if isinstance(v, str) else v.numpy() for k, v in data.items()}
-    return Tracking.from_arrays(arrays)

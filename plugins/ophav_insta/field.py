@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ophav_core.errors import InvalidData, UsageError
-from ophav_core.stages.avatar_field import AvatarCheckpoint, AvatarField
+from ophav_core.stages.avatar_field import (AvatarCheckpoint, AvatarField, check_continuable,
+                                            checkpoint_template, tracking_from_tensors, tracking_to_tensors)
 from ophav_core.stages.data import FrameSet, MaskSet, RenderRequest, RenderResult, Tracking, atomic_write_bytes
 from ophav_insta.options import InstaOptions
 
@@ -27,7 +28,6 @@ from ophav_insta.options import InstaOptions
 RENDER_DILATION_CAP = 6
 
 FORMAT, VERSION = "ophav-insta", 1
-TEMPLATE_FRAMES = 8
 
 
 @dataclass
@@ -110,7 +110,7 @@ class InstaField(AvatarField):
         }
         # A continued training keeps the avatar's own template (its camera and frontal frame), whatever frames the
         # round trained on: renders of it then frame the head as the first fit did.
-        template = init.template if init is not None else _template(tracking)
+        template = init.template if init is not None else checkpoint_template(tracking)
         write_checkpoint(Path(out), trainer, template, info, trainer.expression_range)
         return AvatarCheckpoint(path=Path(out), template=template, info=info)
 
@@ -272,7 +272,7 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
     if init_path is not None:
         ckpt = read_checkpoint(init_path)
         config, geometry = FieldConfig.from_dict(ckpt["config"]), Geometry.from_dict(ckpt["geometry"])
-        _check_compatible(ckpt, tracking)
+        check_continuable(ckpt["template"], tracking, "insta")
         deformer = _deformer_from_checkpoint(ckpt, device)
         field_state, occupancy_state, previous = ckpt["field"], ckpt["occupancy"], dict(ckpt["info"])
         trained_range = ckpt.get("expression_range")
@@ -367,36 +367,3 @@ def _deformer_from_checkpoint(ckpt: dict[str, Any], device):
         template["faces"].to(device=device, dtype=torch.int64), state["grid_min"].to(device),
         state["grid_max"].to(device), state["candidates"].to(device=device, dtype=torch.int64),
         geometry["near"], geometry["far"])
-
-
-def _check_compatible(ckpt: dict[str, Any], tracking: Tracking) -> None:
-    template = ckpt["template"]
-    if tuple(template["faces"].shape) != tracking.faces.shape or not np.array_equal(template["faces"].numpy(), tracking.faces):
-        raise UsageError("insta: the checkpoint to continue from was trained on another mesh topology")
-    if int(template["expression_basis"].shape[0]) != tracking.num_expressions:
-        raise UsageError(f"insta: the checkpoint has {int(template['expression_basis'].shape[0])} expression "
-                         f"coefficients, the tracking {tracking.num_expressions}")
-
-
-def _template(tracking: Tracking) -> Tracking:
-    """What rendering needs: camera, canonical mesh, faces, basis, semantic groups and a few example frames."""
-    n = len(tracking)
-    index = np.unique(np.linspace(0, n - 1, min(n, TEMPLATE_FRAMES)).round().astype(np.int64))
-    return tracking.subset(index)
-
-
-def tracking_to_tensors(tracking: Tracking) -> dict[str, Any]:
-    import torch
-
-    out: dict[str, Any] = {}
-    for key, value in tracking.to_arrays().items():
-        if value.dtype.kind == "U":
-            out[key] = str(value)
-        else:
-            out[key] = torch.from_numpy(np.array(value, copy=True))
-    return out
-
-
-def tracking_from_tensors(data: dict[str, Any]) -> Tracking:
-    arrays = {k: np.array(v) if isinstance(v, str) else v.numpy() for k, v in data.items()}
-    return Tracking.from_arrays(arrays)
