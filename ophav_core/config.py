@@ -43,6 +43,9 @@ class RunConfig(BaseModel):
     seed: int = 0
     rounds: int | None = Field(None, ge=0, description="rounds of the iterative dataset update (profile's if unset)")
     driver: str | None = Field(None, description="driving video or motion script (YAML/JSON); default: built-in script")
+    generated_pose: bool = Field(True, description=(
+        "fit the coarse video's tracked head poses onto the mesh the image2video drew each frame with, where it "
+        "gives one (meshwarp does), instead of keeping the tracker's own estimate"))
     image2video: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["image2video"]))
     segmenter: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["segmenter"]))
     tracker: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["tracker"]))

@@ -75,3 +75,44 @@ def test_render_request_from_tracking_scales_intrinsics():
 def test_portrait_too_small():
     with pytest.raises(InvalidData, match="too small"):
         Portrait(np.zeros((10, 10, 3), np.uint8))
+
+
+def test_posed_onto_recovers_the_pose_a_mesh_was_drawn_with():
+    """A tracking whose poses are off by up to 12 degrees, posed onto the true mesh seen through another
+    camera, with part of the face moved in a way its expression does not explain."""
+    import dataclasses
+
+    from ophav_core.stages.motion import euler_to_matrix
+
+    truth = synthetic_tracking(num_frames=6, max_yaw=50.0)
+    rng = np.random.default_rng(1)
+    wrong = euler_to_matrix(rng.uniform(-12, 12, 6), rng.uniform(-6, 6, 6), rng.uniform(-4, 4, 6))
+    rotation = (wrong @ truth.rotation).astype(np.float32)
+    translation = truth.translation + rng.normal(0, 1.5, truth.translation.shape).astype(np.float32)
+    tracked = dataclasses.replace(truth, rotation=rotation, translation=translation,
+                                  vertices=truth.mesh_for(rotation, translation, truth.expression).astype(np.float32))
+    drawn = truth.vertices.astype(np.float64).copy()
+    moved = truth.canonical_vertices[:, 1] > 7.0  # the chin region: an expression the tracking did not read
+    drawn[:, moved] += np.array([0.0, 0.8, 0.0])
+    # The same points through a camera with another focal length and centre: same depth, other pixels.
+    camera = truth.K.copy()
+    camera[0, 0] *= 1.3
+    camera[1, 1] *= 1.3
+    camera[:2, 2] += 4.0
+    seen = drawn.copy()
+    seen[..., :2] = ((drawn[..., :2] / drawn[..., 2:]) * truth.K[[0, 1], [0, 1]] + truth.K[:2, 2] - camera[:2, 2]) \
+        / camera[[0, 1], [0, 1]] * drawn[..., 2:]
+    posed = tracked.posed_onto(seen, camera)
+    assert np.array_equal(posed.expression, tracked.expression)
+    angle = np.degrees(np.arccos(np.clip((np.trace(np.swapaxes(posed.rotation, 1, 2) @ truth.rotation,
+                                                  axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    before = np.degrees(np.arccos(np.clip((np.trace(np.swapaxes(tracked.rotation, 1, 2) @ truth.rotation,
+                                                   axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert before.max() > 5.0
+    assert angle.max() < 1.0, f"pose error after refitting: {angle.round(2)} degrees"
+    pixels = np.linalg.norm(posed.project(posed.vertices) - truth.project(truth.vertices), axis=-1)
+    was = np.linalg.norm(tracked.project(tracked.vertices) - truth.project(truth.vertices), axis=-1)
+    assert np.median(pixels[:, ~moved]) < 0.5 < np.median(was[:, ~moved]), \
+        "the unmoved vertices must project where they were drawn (64 px frames)"
+    with pytest.raises(InvalidData, match="posed_onto"):
+        tracked.posed_onto(seen[:, :10])

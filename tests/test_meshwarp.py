@@ -248,3 +248,23 @@ def _similarity_rms(a: np.ndarray, b: np.ndarray) -> float:
     scale = (s * np.diag(fix)).sum() / (ca ** 2).sum()
     aligned = scale * ca @ (u @ fix @ vt)
     return float(np.sqrt(((aligned - cb) ** 2).sum(1).mean()) / np.ptp(b[:, 0]))
+
+
+def test_the_drawn_mesh_corrects_the_retracked_pose(meshwarp, tracker, astronaut):
+    """meshwarp gives the mesh it drew each frame with; the tracking posed onto it projects closer to it than
+    the tracker's own estimate, and strongly turned frames turn by what was asked of them (MediaPipe reads
+    them as less turned)."""
+    from ophav_core.stages.image2video import GENERATED_CAMERA, GENERATED_VERTICES
+
+    asked = np.array([0.0, 45.0, -45.0, 55.0])
+    frames = meshwarp.generate(astronaut, _motion(*({"yaw": y} for y in asked)))
+    retracked = tracker.track(FrameSet(frames.frames, fps=frames.fps), single_image=True, source="meshwarp test")
+    drawn, camera = frames.driving[GENERATED_VERTICES], frames.driving[GENERATED_CAMERA]
+    assert drawn.shape == retracked.vertices.shape and camera.shape == (len(frames), 3, 3)
+    posed = retracked.posed_onto(drawn, camera)
+    goal = retracked.project(drawn, camera[0])
+    error = lambda t: np.linalg.norm(t.project(t.vertices) - goal, axis=-1).mean()  # noqa: E731
+    assert error(posed) < 0.8 * error(retracked), (error(posed), error(retracked))
+    turn = lambda t: matrix_to_euler(t.rotation)[0] - matrix_to_euler(t.rotation)[0][0]  # noqa: E731
+    assert np.abs(turn(posed) - asked).max() < 4.0, f"posed yaw turned by {turn(posed).round(1)} for {asked}"
+    assert np.abs(turn(posed) - asked).mean() < np.abs(turn(retracked) - asked).mean()

@@ -113,7 +113,7 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
                      "tracker": stage("tracker")},
         "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver),
                         **_drawn_on(resolved, "image2video", stage)},
-        "track": {}, "segment": {"segmenter": stage("segmenter")}, "fit": {"field": stage("field")},
+        "track": {"generated_pose": resolved.config.generated_pose}, "segment": {"segmenter": stage("segmenter")}, "fit": {"field": stage("field")},
         "export": resolved.to_dict(),
     }
     for r in range(1, resolved.rounds + 1):
@@ -449,6 +449,7 @@ class Scheduler:
         tracker = self.component("tracker")
         tracking = tracker.track(frames, source="the coarse video")
         tracking.check_matches(frames)
+        tracking = self._generated_pose(frames, tracking)
         portrait_tracking = tracker.track(FrameSet(portrait.image[None], fps=1.0), single_image=True,
                                           reference=tracking, source=str(self.portrait_path))
         tracking.save(self.root / "track/tracking.npz")
@@ -456,6 +457,25 @@ class Scheduler:
         plot_pose(tracking, self.root / "track/pose.png", fps=frames.fps, title="head pose of the coarse video")
         save_png(self.root / "track/mesh.png", mesh_overlay(frames, tracking))
         return tracking, portrait_tracking
+
+    def _generated_pose(self, frames: FrameSet, tracking: Tracking) -> Tracking:
+        """The tracking posed onto the mesh the image2video drew each frame with, where it gave one of the
+        tracker's topology (the tracker keeps shape and expression; its pose of a strongly turned head is off by
+        up to a third of the turn, and the field would learn those views under the wrong pose)."""
+        from ophav_core.stages.image2video import GENERATED_CAMERA, GENERATED_VERTICES
+
+        drawn = frames.driving.get(GENERATED_VERTICES)
+        if not self.resolved.config.generated_pose or drawn is None:
+            return tracking
+        if drawn.shape != tracking.vertices.shape:
+            self.log(f"track: the image2video's mesh {drawn.shape[1:]} is not the tracker's "
+                     f"{tracking.vertices.shape[1:]}; keeping the tracked poses")
+            return tracking
+        posed = tracking.posed_onto(drawn, frames.driving.get(GENERATED_CAMERA))
+        moved = np.degrees(_rotation_angle(np.einsum("nji,njk->nik", tracking.rotation, posed.rotation)))
+        self.log(f"track: poses fitted onto the image2video's mesh (moved by {np.median(moved):.1f} deg median, "
+                 f"{moved.max():.1f} max)")
+        return posed
 
     def _segment(self, frames: FrameSet, tracking: Tracking) -> MaskSet:
         from ophav_core.media import mask_overlay, save_png
@@ -614,6 +634,12 @@ def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored
                      fps=frames.fps),
             MaskSet(np.concatenate([masks.alpha, np.tile(alpha, (repeat, 1, 1))]).astype(np.float32)),
             tracking.joined(views.subset(np.tile(index, repeat))))
+
+
+def _rotation_angle(rotation: np.ndarray) -> np.ndarray:
+    """Angles in radians of rotation matrices (..., 3, 3)."""
+    cosine = (np.trace(rotation, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.arccos(np.clip(cosine, -1.0, 1.0))
 
 
 def preview_motion(template: Tracking, tracker, frames: int, fps: float):

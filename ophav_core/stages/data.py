@@ -469,6 +469,57 @@ class Tracking(_NpzContainer):
             **self.topology.tracking_fields(),
         )
 
+    def posed_onto(self, target: np.ndarray, camera: np.ndarray | None = None, iterations: int = 20) -> "Tracking":
+        """This tracking with every frame's rigid pose refitted so that its own mesh (canonical shape plus the
+        frame's expression) projects where ``target`` does: (N, V, 3) camera-space vertices of the same topology,
+        such as the mesh a generator drew each frame with, seen through ``camera`` ((3, 3) or (N, 3, 3); this
+        tracking's own if None). Shape, expression, landmarks and ``valid`` are kept.
+
+        Pixels, not 3D distances, are what the frame shows (two estimates of a face's shape differ most in
+        depth), so the fit is a robust Gauss-Newton on the reprojection error from a 3D Kabsch start; vertices
+        this tracking's expression does not explain (a mouth it reads less open than drawn) count less."""
+        target = np.asarray(target, np.float64)
+        if target.shape != self.vertices.shape:
+            raise InvalidData(f"Tracking.posed_onto: target has shape {target.shape}, the tracking's vertices "
+                              f"{self.vertices.shape}")
+        camera = np.broadcast_to(np.asarray(self.K if camera is None else camera, np.float64), (len(self), 3, 3))
+        z = np.clip(target[..., 2:3], 1e-9, None)
+        goal = np.einsum("nij,nvj->nvi", camera[:, :2, :2], target[..., :2] / z) + camera[:, None, :2, 2]
+        local = (self.canonical_vertices[None].astype(np.float64)
+                 + np.einsum("ne,evc->nvc", self.expression.astype(np.float64), self.expression_basis))
+        rotation, translation = _kabsch(local, target)
+        focal, centre = self.K[[0, 1], [0, 1]], self.K[:2, 2]
+        weights = np.ones(local.shape[:2])
+        for step in range(iterations):
+            head = np.einsum("nij,nvj->nvi", rotation, local)
+            point = head + translation[:, None]
+            pz = np.clip(point[..., 2], 1e-9, None)
+            residual = point[..., :2] / pz[..., None] * focal + centre - goal  # (N, V, 2)
+            if step >= 2:  # Tukey weights once the Kabsch start has been refined (it is off by depth errors)
+                size = np.linalg.norm(residual, axis=-1)
+                cut = 3.0 * np.median(size, axis=1, keepdims=True) + 1e-9
+                weights = np.clip(1.0 - (size / cut) ** 2, 0.0, None) ** 2
+            # d(pixel)/d(point) (N, V, 2, 3); a point moves by -[head]x under a small rotation, by I under a shift
+            d_proj = np.zeros(point.shape[:2] + (2, 3))
+            d_proj[..., 0, 0], d_proj[..., 1, 1] = focal[0] / pz, focal[1] / pz
+            d_proj[..., :, 2] = -(point[..., :2] / pz[..., None] ** 2) * focal
+            skew = np.zeros(point.shape[:2] + (3, 3))
+            skew[..., 0, 1], skew[..., 0, 2], skew[..., 1, 2] = head[..., 2], -head[..., 1], head[..., 0]
+            skew = skew - np.swapaxes(skew, -1, -2)  # = -[head]x
+            jac = np.concatenate([d_proj @ skew, d_proj], axis=-1)  # (N, V, 2, 6)
+            normal = np.einsum("nv,nvki,nvkj->nij", weights, jac, jac)
+            normal += 1e-6 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(6)
+            delta = -np.linalg.solve(normal, np.einsum("nv,nvki,nvk->ni", weights, jac, residual)[..., None])[..., 0]
+            rotation = _rodrigues(delta[:, :3]) @ rotation
+            translation = translation + delta[:, 3:]
+        return Tracking(
+            K=self.K, image_size=self.image_size, rotation=rotation.astype(np.float32),
+            translation=translation.astype(np.float32), expression=self.expression,
+            vertices=self.mesh_for(rotation, translation, self.expression).astype(np.float32),
+            canonical_vertices=self.canonical_vertices, expression_basis=self.expression_basis,
+            landmarks=self.landmarks, valid=self.valid, **self.topology.tracking_fields(),
+        )
+
     def mesh_for(self, rotation: np.ndarray, translation: np.ndarray, expression: np.ndarray) -> np.ndarray:
         """Camera-space vertices (N, V, 3) for poses (N, 3, 3), (N, 3) and expressions (N, E)."""
         local = self.canonical_vertices[None] + np.einsum("ne,evc->nvc", expression, self.expression_basis)
@@ -595,3 +646,26 @@ def scale_intrinsics(K: np.ndarray, from_size: tuple[int, int], to_size: tuple[i
     out[0, 2] = (out[0, 2] + 0.5) * sx - 0.5
     out[1, 2] = (out[1, 2] + 0.5) * sy - 0.5
     return out
+
+
+def _kabsch(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch item, the rotation (N, 3, 3) and translation (N, 3) best mapping points (N, V, 3) onto
+    ``target`` in the least-squares sense."""
+    mean_source, mean_target = source.mean(axis=1), target.mean(axis=1)
+    cov = np.einsum("nvi,nvj->nij", target - mean_target[:, None], source - mean_source[:, None])
+    u, _, vt = np.linalg.svd(cov)
+    fix = np.ones((len(source), 3))
+    fix[:, 2] = np.sign(np.linalg.det(u @ vt))
+    rotation = (u * fix[:, None, :]) @ vt
+    return rotation, mean_target - np.einsum("nij,nj->ni", rotation, mean_source)
+
+
+def _rodrigues(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation matrices (N, 3, 3) of rotation vectors (N, 3)."""
+    angle = np.linalg.norm(rotvec, axis=1, keepdims=True)
+    axis = rotvec / np.maximum(angle, 1e-12)
+    cross = np.zeros((len(rotvec), 3, 3))
+    cross[:, 0, 1], cross[:, 0, 2], cross[:, 1, 2] = -axis[:, 2], axis[:, 1], -axis[:, 0]
+    cross = cross - np.swapaxes(cross, 1, 2)
+    sin, cos = np.sin(angle)[..., None], np.cos(angle)[..., None]
+    return np.eye(3)[None] + sin * cross + (1.0 - cos) * cross @ cross

@@ -16,6 +16,7 @@ import numpy as np
 from ophav_core.errors import UsageError
 from ophav_core.stages.motion import Motion
 from ophav_core.stages import FrameSet, Image2Video, Portrait, Tracking
+from ophav_core.stages.image2video import GENERATED_CAMERA, GENERATED_VERTICES
 from ophav_meshwarp.options import MeshwarpOptions
 
 
@@ -39,17 +40,21 @@ class MeshWarp(Image2Video):
         n, size = len(motion), self.resolution
         frames = np.empty((n, size, size, 3), np.uint8)
         mouth, eyes, unseen = np.zeros(n, np.float32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32)
+        vertices = np.empty((n,) + tracking.canonical_vertices.shape, np.float32)
         from ophav_meshwarp.warper import render_frame
 
         with self.context.progress(n, "meshwarp") as bar:
             for i in range(n):
                 frames[i], info = render_frame(source, rotations[i], offsets(i))
                 mouth[i], eyes[i], unseen[i] = info.mouth_fill, info.eye_fill, info.unseen_fraction
+                vertices[i] = info.vertices
                 bar.advance(1)
         driving = dict(motion.driving_arrays())
         driving.update({
             "crop_box": np.repeat(box[None], n, axis=0),
             "fill_mouth": mouth, "fill_eyes": eyes, "fill_unseen": unseen,
+            # The mesh each frame was drawn with: the pipeline poses the coarse video's tracking onto it.
+            GENERATED_VERTICES: vertices, GENERATED_CAMERA: np.repeat(tracking.K[None], n, axis=0),
         })
         return FrameSet(frames, fps=motion.fps, driving=driving)
 

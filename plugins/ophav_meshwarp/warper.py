@@ -215,12 +215,13 @@ def _weighted_mean(colours: np.ndarray, pixels: np.ndarray, select: np.ndarray, 
 
 @dataclass
 class FrameInfo:
-    """What explains a frame: fill strengths and the target mesh in pixels."""
+    """What explains a frame: fill strengths and the target mesh (camera space and in pixels)."""
 
     mouth_fill: float
     eye_fill: np.ndarray
     unseen_fraction: float
     points2d: np.ndarray
+    vertices: np.ndarray
 
 
 def target_vertices(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.ndarray | None) -> np.ndarray:
@@ -365,7 +366,8 @@ def render_frame(src: SourceFace, rotation_delta: np.ndarray, offsets_local: np.
     eye_alpha = _eye_fill(src, out, raster) if src.settings.eye_fill else np.zeros(2)
     mouth_alpha = _mouth_fill(src, out, raster) if src.settings.mouth_fill else 0.0
     frame = np.clip(out + 0.5, 0, 255).astype(np.uint8)
-    return frame, FrameInfo(float(mouth_alpha), eye_alpha, unseen_fraction, points2d.astype(np.float32))
+    return frame, FrameInfo(float(mouth_alpha), eye_alpha, unseen_fraction, points2d.astype(np.float32),
+                            verts.astype(np.float32))
 
 
 def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
