@@ -113,8 +113,8 @@ def cmd_render(args: argparse.Namespace) -> None:
                                     .get("image_size", [128])[0])
             for video in ("talk_78f.mp4", "nod_175f.mp4"):
                 frames = read_video(_find(video, folders), size=size)
-                keep = np.arange(0, len(frames), DRIVER_STRIDE)
-                drivers[video.split("_")[0]] = type(frames)(frames.frames[keep], frames.fps / DRIVER_STRIDE)
+                keep = np.arange(0, len(frames), args.driver_stride)
+                drivers[video.split("_")[0]] = type(frames)(frames.frames[keep], frames.fps / args.driver_stride)
             np.savez_compressed(out / "drivers.npz", **{k: v.frames for k, v in drivers.items()})
         arrays = {}
         for stage, rel in (("fit", "fit/avatar.ckpt"), ("final", "avatar/avatar.ckpt")):
@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--label", required=True, help="before / after / ...: names the runs and output files")
     r.add_argument("--set", action="append", default=[], help="KEY=VALUE passed to ophav run")
     r.add_argument("--size", type=int, default=None, help="render resolution (default: the avatar's)")
+    r.add_argument("--driver-stride", type=int, default=DRIVER_STRIDE,
+                   help="render every Nth driver frame (9 keeps a 256x256 suite under the device's 16 MiB a file)")
     r.set_defaults(func=cmd_render)
     s = sub.add_parser("score", help="score rendered suites and write the table and sheets")
     s.add_argument("files", nargs="+")

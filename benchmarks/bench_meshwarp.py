@@ -5,7 +5,7 @@
 
 For skimage's astronaut and every portrait in ../shared/data/portraits (when present):
 
-* generates the default motion script (yaw +-40, pitch +-20, roll +-10, talking, smiles, blinks) and re-tracks
+* generates the default motion script (yaw +-52, pitch +-20, roll +-10, talking, smiles, blinks) and re-tracks
   the video with the ``mediapipe`` tracker: share of frames with a face (target >= 98%), span of the
   re-estimated yaw (target >= 60 degrees), and identity drift: the re-tracked video's neutral face shape (the
   tracker's canonical mesh: pose removed, and expression by keeping only the vertices that no named expression

@@ -201,27 +201,31 @@ def load_motion_script(path: str | Path, fps: float | None = None, duration: flo
 
 
 def default_script() -> dict[str, Any]:
-    """The built-in driving script: a head tour (yaw +-40, pitch +-20, roll +-10) with talking, smiles,
-    blinks and raised brows, one 12-second cycle that is stretched to the run's duration."""
+    """The built-in driving script: a head tour (yaw +-52, pitch +-20, roll +-10) with talking, smiles,
+    blinks and raised brows, one 12-second cycle that is stretched to the run's duration.
+
+    The coarse video is all the avatar sees, and the novel views it is asked for go to +-60 degrees: with the
+    turn at +-40 (before 2026-12) a preview avatar's views past 45 degrees were fragments; at +-52 its identity
+    distance within +-45 degrees fell on each of three portraits (benchmarks/RESULTS.md, "wider coarse turn")."""
     k = [
         {"t": 0.0, "yaw": 0, "pitch": 0, "roll": 0},
         {"t": 0.6, "blink": 1.0},
         {"t": 0.9, "blink": 0.0},
-        {"t": 1.6, "yaw": 40, "smile": 0.9},
+        {"t": 1.6, "yaw": 52, "smile": 0.9},
         {"t": 2.4, "yaw": 20, "mouth_open": 0.6, "smile": 0.3},
         {"t": 2.8, "mouth_open": 0.1},
         {"t": 3.2, "yaw": 0, "mouth_open": 0.7, "smile": 0.0},
         {"t": 3.6, "mouth_open": 0.0, "blink": 1.0},
         {"t": 3.9, "blink": 0.0},
-        {"t": 4.8, "yaw": -40, "smile": 1.0},
+        {"t": 4.8, "yaw": -52, "smile": 1.0},
         {"t": 5.6, "yaw": -20, "pitch": 20, "smile": 0.2, "brows_up": 1.0},
         {"t": 6.4, "yaw": 0, "pitch": -20, "brows_up": 0.0, "mouth_open": 0.5},
         {"t": 6.8, "mouth_open": 0.0},
         {"t": 7.2, "mouth_open": 0.8, "roll": 10},
         {"t": 7.6, "mouth_open": 0.1, "blink": 1.0},
         {"t": 7.9, "blink": 0.0},
-        {"t": 8.6, "pitch": 0, "roll": -10, "yaw": 25, "smile": 0.7, "mouth_open": 0.0},
-        {"t": 9.4, "yaw": -25, "pitch": 10, "roll": 0, "mouth_open": 0.6, "smile": 0.0},
+        {"t": 8.6, "pitch": 0, "roll": -10, "yaw": 35, "smile": 0.7, "mouth_open": 0.0},
+        {"t": 9.4, "yaw": -35, "pitch": 10, "roll": 0, "mouth_open": 0.6, "smile": 0.0},
         {"t": 9.8, "mouth_open": 0.0},
         {"t": 10.4, "yaw": 0, "pitch": 0, "brows_up": 0.8, "smile": 0.5},
         {"t": 11.2, "brows_up": 0.0, "smile": 0.0, "blink": 1.0},
