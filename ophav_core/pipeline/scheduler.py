@@ -113,7 +113,8 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
                      "tracker": stage("tracker")},
         "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver),
                         **_drawn_on(resolved, "image2video", stage)},
-        "track": {"generated_pose": resolved.config.generated_pose}, "segment": {"segmenter": stage("segmenter")}, "fit": {"field": stage("field")},
+        "track": {"generated_pose": resolved.config.generated_pose}, "segment": {"segmenter": stage("segmenter")},
+        "fit": {"field": stage("field")},
         "export": resolved.to_dict(),
     }
     for r in range(1, resolved.rounds + 1):
@@ -460,8 +461,8 @@ class Scheduler:
 
     def _generated_pose(self, frames: FrameSet, tracking: Tracking) -> Tracking:
         """The tracking posed onto the mesh the image2video drew each frame with, where it gave one of the
-        tracker's topology (the tracker keeps shape and expression; its pose of a strongly turned head is off by
-        up to a third of the turn, and the field would learn those views under the wrong pose)."""
+        tracker's topology (the tracker keeps shape and expression; MediaPipe reads a head turned past 30 degrees
+        as 4-9 degrees less turned, and the field would learn those views under the wrong pose)."""
         from ophav_core.stages.image2video import GENERATED_CAMERA, GENERATED_VERTICES
 
         drawn = frames.driving.get(GENERATED_VERTICES)

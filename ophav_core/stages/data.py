@@ -485,33 +485,15 @@ class Tracking(_NpzContainer):
         camera = np.broadcast_to(np.asarray(self.K if camera is None else camera, np.float64), (len(self), 3, 3))
         z = np.clip(target[..., 2:3], 1e-9, None)
         goal = np.einsum("nij,nvj->nvi", camera[:, :2, :2], target[..., :2] / z) + camera[:, None, :2, 2]
-        local = (self.canonical_vertices[None].astype(np.float64)
-                 + np.einsum("ne,evc->nvc", self.expression.astype(np.float64), self.expression_basis))
-        rotation, translation = _kabsch(local, target)
-        focal, centre = self.K[[0, 1], [0, 1]], self.K[:2, 2]
-        weights = np.ones(local.shape[:2])
-        for step in range(iterations):
-            head = np.einsum("nij,nvj->nvi", rotation, local)
-            point = head + translation[:, None]
-            pz = np.clip(point[..., 2], 1e-9, None)
-            residual = point[..., :2] / pz[..., None] * focal + centre - goal  # (N, V, 2)
-            if step >= 2:  # Tukey weights once the Kabsch start has been refined (it is off by depth errors)
-                size = np.linalg.norm(residual, axis=-1)
-                cut = 3.0 * np.median(size, axis=1, keepdims=True) + 1e-9
-                weights = np.clip(1.0 - (size / cut) ** 2, 0.0, None) ** 2
-            # d(pixel)/d(point) (N, V, 2, 3); a point moves by -[head]x under a small rotation, by I under a shift
-            d_proj = np.zeros(point.shape[:2] + (2, 3))
-            d_proj[..., 0, 0], d_proj[..., 1, 1] = focal[0] / pz, focal[1] / pz
-            d_proj[..., :, 2] = -(point[..., :2] / pz[..., None] ** 2) * focal
-            skew = np.zeros(point.shape[:2] + (3, 3))
-            skew[..., 0, 1], skew[..., 0, 2], skew[..., 1, 2] = head[..., 2], -head[..., 1], head[..., 0]
-            skew = skew - np.swapaxes(skew, -1, -2)  # = -[head]x
-            jac = np.concatenate([d_proj @ skew, d_proj], axis=-1)  # (N, V, 2, 6)
-            normal = np.einsum("nv,nvki,nvkj->nij", weights, jac, jac)
-            normal += 1e-6 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(6)
-            delta = -np.linalg.solve(normal, np.einsum("nv,nvki,nvk->ni", weights, jac, residual)[..., None])[..., 0]
-            rotation = _rodrigues(delta[:, :3]) @ rotation
-            translation = translation + delta[:, 3:]
+        # In chunks of frames: the Jacobians hold 12 floats per vertex and frame (FLAME has 5023 vertices).
+        chunk = max(1, 400_000 // self.vertices.shape[1])
+        rotation, translation = np.empty((len(self), 3, 3)), np.empty((len(self), 3))
+        for lo in range(0, len(self), chunk):
+            part = slice(lo, lo + chunk)
+            local = (self.canonical_vertices[None].astype(np.float64)
+                     + np.einsum("ne,evc->nvc", self.expression[part].astype(np.float64), self.expression_basis))
+            rotation[part], translation[part] = _fit_pose_to_pixels(local, target[part], goal[part], self.K,
+                                                                    iterations)
         return Tracking(
             K=self.K, image_size=self.image_size, rotation=rotation.astype(np.float32),
             translation=translation.astype(np.float32), expression=self.expression,
@@ -669,3 +651,37 @@ def _rodrigues(rotvec: np.ndarray) -> np.ndarray:
     cross = cross - np.swapaxes(cross, 1, 2)
     sin, cos = np.sin(angle)[..., None], np.cos(angle)[..., None]
     return np.eye(3)[None] + sin * cross + (1.0 - cos) * cross @ cross
+
+
+def _fit_pose_to_pixels(local: np.ndarray, target: np.ndarray, goal: np.ndarray, K: np.ndarray,
+                        iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rotations (N, 3, 3) and translations (N, 3) putting head-space points ``local`` (N, V, 3) where the pixels
+    ``goal`` (N, V, 2) are through ``K``: Kabsch onto ``target`` (N, V, 3), then Gauss-Newton with Tukey weights
+    on the reprojection (see :meth:`Tracking.posed_onto`)."""
+    rotation, translation = _kabsch(local, target)
+    focal, centre = K[[0, 1], [0, 1]], K[:2, 2]
+    weights = np.ones(local.shape[:2])
+    for step in range(iterations):
+        head = np.einsum("nij,nvj->nvi", rotation, local)
+        point = head + translation[:, None]
+        pz = np.clip(point[..., 2], 1e-9, None)
+        residual = point[..., :2] / pz[..., None] * focal + centre - goal  # (N, V, 2)
+        if step >= 2:  # Tukey weights once the Kabsch start has been refined (it is off by depth errors)
+            size = np.linalg.norm(residual, axis=-1)
+            cut = 3.0 * np.median(size, axis=1, keepdims=True) + 1e-9
+            weights = np.clip(1.0 - (size / cut) ** 2, 0.0, None) ** 2
+        # d(pixel)/d(point) (N, V, 2, 3); a point moves by -[head]x under a small rotation, by I under a shift
+        d_proj = np.zeros(point.shape[:2] + (2, 3))
+        d_proj[..., 0, 0], d_proj[..., 1, 1] = focal[0] / pz, focal[1] / pz
+        d_proj[..., :, 2] = -(point[..., :2] / pz[..., None] ** 2) * focal
+        skew = np.zeros(point.shape[:2] + (3, 3))
+        skew[..., 0, 1], skew[..., 0, 2], skew[..., 1, 2] = head[..., 2], -head[..., 1], head[..., 0]
+        skew = skew - np.swapaxes(skew, -1, -2)  # = -[head]x
+        jac = np.concatenate([d_proj @ skew, d_proj], axis=-1).reshape(len(local), -1, 6)  # (N, 2V, 6)
+        weighted = np.swapaxes(jac * np.repeat(weights, 2, axis=1)[..., None], 1, 2)
+        normal = weighted @ jac
+        normal += 1e-6 * np.trace(normal, axis1=1, axis2=2)[:, None, None] * np.eye(6)
+        delta = -np.linalg.solve(normal, weighted @ residual.reshape(len(local), -1, 1))[..., 0]
+        rotation = _rodrigues(delta[:, :3]) @ rotation
+        translation = translation + delta[:, 3:]
+    return rotation, translation
