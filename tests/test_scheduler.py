@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,21 @@ def test_a_damaged_file_in_the_other_run_is_not_taken(tmp_path, portrait_file):
     # refit cuts to the head.
     kept = sum(json.loads((tmp_path / "again/round1/checks.json").read_text())["kept"])
     assert fakes.CALLS["fit0"] == 1 and fakes.CALLS["segment"] == kept
+
+
+def test_the_built_in_script_is_part_of_the_coarse_videos_key(monkeypatch):
+    """A run made with an older built-in script is not resumed or reused as one made with the current script."""
+    from ophav_core.config import RunConfig, resolve
+    from ophav_core.pipeline.scheduler import step_keys
+    from ophav_core.plugins import get_host
+    from ophav_core.stages import motion
+
+    resolved = resolve(RunConfig(), get_host().registry)
+    portrait = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    before = step_keys(resolved, portrait, "cpu")
+    assert step_keys(resolved, portrait, "cpu") == before
+    older = motion.default_script()
+    older["keyframes"] = [dict(k, yaw=40) if k.get("yaw") == 52 else k for k in older["keyframes"]]
+    monkeypatch.setattr(motion, "default_script", lambda: older)
+    after = step_keys(resolved, portrait, "cpu")
+    assert after["portrait"] == before["portrait"] and after["image2video"] != before["image2video"]

@@ -87,9 +87,11 @@ def step_names(rounds: int) -> list[str]:
     return names + ["export"]
 
 
-def _content_digest(path: str | Path | None) -> str | None:
-    if path is None:
-        return None
+def _content_digest(path: str | Path | None) -> str:
+    if path is None:  # the built-in script, by content: a run made with an older script is not this computation
+        from ophav_core.stages.motion import default_script
+
+        return "builtin:" + hashlib.sha256(json.dumps(default_script(), sort_keys=True).encode()).hexdigest()[:16]
     return sha256_of(Path(path)) if Path(path).is_file() else str(path)
 
 
