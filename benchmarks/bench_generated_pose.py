@@ -34,7 +34,7 @@ def main() -> None:
     meshwarp, _ = api.create("image2video", "meshwarp", context, [f"image2video.resolution={args.size}"])
     tracker, _ = api.create("tracker", "mediapipe", context)
     motion = motion_lib.motion_from_script(motion_lib.default_script(), fps=10, duration=12)
-    print(f"| portrait | poses | reprojection mean | p95 | yaw error mean | yaw error, script beyond 30 deg |")
+    print("| portrait | poses | reprojection mean | p95 | yaw error mean | yaw error, script beyond 30 deg |")
     print("|---|---|---:|---:|---:|---:|")
     for path in args.portraits:
         frames = meshwarp.generate(read_portrait(path), motion)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ophav_core.stages.motion import Motion
+from ophav_core.stages.motion import Motion, rotation_angle
 from ophav_core.stages.data import RenderRequest, Tracking, scale_intrinsics
 
 
 def frontal_index(tracking: Tracking) -> int:
     """The frame whose head pose is closest to looking straight at the camera."""
-    angle = np.arccos(np.clip((np.trace(tracking.rotation, axis1=1, axis2=2) - 1) / 2, -1, 1))
-    return int(np.argmin(angle))
+    return int(np.argmin(rotation_angle(tracking.rotation)))
 
 
 def _camera(template: Tracking, resolution: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:

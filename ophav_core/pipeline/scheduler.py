@@ -475,7 +475,9 @@ class Scheduler:
                      f"{tracking.vertices.shape[1:]}; keeping the tracked poses")
             return tracking
         posed = tracking.posed_onto(drawn, frames.driving.get(GENERATED_CAMERA))
-        moved = np.degrees(_rotation_angle(np.einsum("nji,njk->nik", tracking.rotation, posed.rotation)))
+        from ophav_core.stages.motion import rotation_angle
+
+        moved = rotation_angle(np.swapaxes(tracking.rotation, 1, 2) @ posed.rotation)
         self.log(f"track: poses fitted onto the image2video's mesh (moved by {np.median(moved):.1f} deg median, "
                  f"{moved.max():.1f} max)")
         return posed
@@ -637,12 +639,6 @@ def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored
                      fps=frames.fps),
             MaskSet(np.concatenate([masks.alpha, np.tile(alpha, (repeat, 1, 1))]).astype(np.float32)),
             tracking.joined(views.subset(np.tile(index, repeat))))
-
-
-def _rotation_angle(rotation: np.ndarray) -> np.ndarray:
-    """Angles in radians of rotation matrices (..., 3, 3)."""
-    cosine = (np.trace(rotation, axis1=-2, axis2=-1) - 1.0) / 2.0
-    return np.arccos(np.clip(cosine, -1.0, 1.0))
 
 
 def preview_motion(template: Tracking, tracker, frames: int, fps: float):

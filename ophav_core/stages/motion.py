@@ -123,6 +123,12 @@ def matrix_to_euler(R: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.rad2deg(yaw), np.rad2deg(pitch), np.rad2deg(roll)
 
 
+def rotation_angle(R: np.ndarray) -> np.ndarray:
+    """The angle in degrees of each rotation (..., 3, 3) about its own axis."""
+    cosine = (np.trace(np.asarray(R, np.float64), axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0)))
+
+
 # ---------------------------------------------------------------------------------------------- scripts
 
 
