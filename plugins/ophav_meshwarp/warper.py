@@ -394,6 +394,34 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def smooth_continuation(image: np.ndarray, seen: np.ndarray, rows: np.ndarray, cols: np.ndarray, blur: float,
+                        support: float = 0.1) -> np.ndarray:
+    """(P, 3) a smooth continuation of ``image``'s ``seen`` pixels (weights (H, W) in [0, 1]) at the pixels
+    ``rows``, ``cols`` (P,).
+
+    Normalised convolution at ``blur`` and at twice, four times... that width, each finer level blended over
+    the coarser ones where it has support (its blurred weight above ``support``): pixels far from anything seen
+    take the wider levels' colour instead of a ratio of two vanishing sums (which read as black crescents on a
+    turned cheek). Past the widest level, the mean of the seen pixels."""
+    seen = np.asarray(seen, np.float32)
+    total = float(seen.sum())
+    weighted = image * seen[..., None]
+    mean = weighted.sum(axis=(0, 1)) / total if total > 0 else image.mean(axis=(0, 1))
+    levels = []
+    width = blur
+    while True:
+        den = _blur(seen, width)[rows, cols]
+        levels.append((_blur(weighted, width)[rows, cols], den))
+        if den.min() > support or width > max(image.shape[:2]):
+            break
+        width *= 2.0
+    result = np.broadcast_to(mean.astype(np.float32), (len(rows), 3)).copy()
+    for num, den in reversed(levels):
+        trust = np.clip(den / support, 0.0, 1.0)[:, None]
+        result += trust * (num / np.maximum(den, 1e-6)[:, None] - result)
+    return result
+
+
 def _unseen_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
     """Face parts the portrait shows too small (turned away, hidden by the nose, or a sliver at the face's
     edge) but the frame shows large: their pixels would be a smear of a few source pixels (often background).
@@ -427,18 +455,15 @@ def _unseen_fill(src: SourceFace, out: np.ndarray, raster: _Raster) -> float:
         fill[r[mirrored] - r0, c[mirrored] - c0] = _sample(src.image, xy) * src.mirror_gain[t[mirrored]]
     smooth = ~mirrored
     if smooth.any():
-        # Normalised convolution of the well-seen face pixels around the patch (pad by a margin of context).
-        pad = int(np.ceil(0.15 * src.face_width_px))
+        # A continuation of the well-seen face pixels around the patch (pad by a margin of context).
+        pad = int(np.ceil(0.3 * src.face_width_px))
         R0, R1 = max(r0 - pad, 0), min(r1 + pad, src.size)
         C0, C1 = max(c0 - pad, 0), min(c1 + pad, src.size)
         seen = (raster.ids[R0:R1, C0:C1] >= 0).astype(np.float32)
         seen[r - R0, c - C0] *= 1.0 - weight[use]
-        blur = max(2.0, 0.06 * src.face_width_px)
-        num = _blur(out[R0:R1, C0:C1] * seen[..., None], blur)
-        den = _blur(seen, blur)[..., None]
-        continued = num / np.maximum(den, 1e-3)
         rr, cc = r[smooth], c[smooth]
-        fill[rr - r0, cc - c0] = continued[rr - R0, cc - C0]
+        fill[rr - r0, cc - c0] = smooth_continuation(out[R0:R1, C0:C1], seen, rr - R0, cc - C0,
+                                                     max(2.0, 0.06 * src.face_width_px))
     patch = out[r0:r1, c0:c1]
     patch += wmap[..., None] * (fill - patch)
     return float(weight.sum() / max(len(tri), 1))
