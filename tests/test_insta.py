@@ -291,6 +291,22 @@ def test_far_points_move_rigidly():
     assert torch.equal(x_c, x) and (closeness == 0).all()
 
 
+def test_cpu_deformation_skips_only_points_it_would_leave_in_place():
+    """On the CPU, points certainly beyond ``far`` of their frame's mesh skip the nearest-triangle test: the
+    result equals the full test's exactly, over a spread from on the mesh to far outside it."""
+    tracking = synthetic_tracking(3, 32)
+    deformer, unposed = _deformer(tracking, near=0.3, far=1.5)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4000, 3, generator=g) * torch.rand(4000, 1, generator=g) * 14
+    frame = torch.randint(0, 3, (4000,), generator=g)
+    skipped = deformer.rigid_points(x, frame, unposed)
+    assert 0.2 < skipped.float().mean() < 0.95, "the test needs points on both sides of the bound"
+    fast = deformer.deform(x, frame, unposed)
+    full = deformer._deform_chunks(x, frame, unposed, 1 << 18)
+    assert torch.equal(fast[0], full[0]) and torch.equal(fast[1], full[1])
+    assert (full[1][skipped] == 0).all() and (full[1][~skipped] > 0).any()
+
+
 def test_variable_dilation_matches_a_uniform_max_pool_and_varies_per_voxel():
     from ophav_insta.render import variable_dilation
 

@@ -193,6 +193,7 @@ class MeshDeformer:
     compiled: Any = None  # torch.compile'd _deform_near, when enabled
     backend: str = "torch"  # "torch" (reference) or "triton" (fused kernel, deform_triton.py)
     _kernel_inputs: dict[str, Any] | None = None  # int32 / contiguous copies the Triton kernel reads
+    _voxel_clearance: torch.Tensor | None = None  # (G^3,) see voxel_clearance()
 
     def enable_compile(self) -> None:
         """Fuse the many small elementwise kernels of the nearest-triangle test (dynamic point counts); only
@@ -265,12 +266,49 @@ class MeshDeformer:
         with torch.autocast(device_type=x_r.device.type, enabled=False):
             return self._deform(x_r.float(), frame, meshes.float(), chunk)
 
+    def voxel_clearance(self) -> torch.Tensor:
+        """(G^3,) per candidate-grid voxel, a lower bound of the distance from any point in it to the canonical
+        mesh (a triangle's centroid distance minus its radius, minus the voxel's half diagonal), built once."""
+        if self._voxel_clearance is None or self._voxel_clearance.device != self.canonical.device:
+            tri = self.canonical[self.faces]
+            centroid = tri.mean(dim=1)
+            radius = (tri - centroid[:, None]).norm(dim=-1).amax(dim=-1)
+            centres = voxel_centres(self.grid_min, self.grid_max, self.resolution)
+            half_diagonal = 0.5 * float(((self.grid_max - self.grid_min) / self.resolution).norm())
+            bound = torch.cat([(torch.cdist(c, centroid) - radius).amin(dim=1)
+                               for c in centres.split(4096)])
+            self._voxel_clearance = (bound - half_diagonal).clamp_min(0.0)
+        return self._voxel_clearance
+
+    def rigid_points(self, x_r: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: points certainly farther than ``far`` from their frame's mesh, or outside the candidate
+        grid, which :meth:`deform` leaves where they are (closeness 0). A frame mesh lies within its largest
+        vertex displacement from the canonical one, so the canonical clearance less that displacement bounds
+        the distance to it (and to the nearest candidate, which is no nearer)."""
+        cell, inside = voxel_index(x_r, self.grid_min, self.grid_max, self.resolution)
+        moved = (meshes - self.canonical).norm(dim=-1).amax(dim=-1)  # (B,)
+        return ~inside | (self.voxel_clearance()[cell] - moved[frame] > self.far)
+
     def _deform(self, x_r: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor, chunk: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Every point goes through the candidate test (points outside the grid get closeness 0): compacting
-        # the inside points would need a host sync per batch, which costs more on a GPU than the spare math.
+        # On a GPU every point goes through the candidate test (points outside the grid get closeness 0):
+        # compacting the inside points would need a host sync per batch, which costs more there than the spare
+        # math. On the CPU there is no sync to lose, and most samples of a head (hair, the box around it) lie
+        # beyond ``far`` of the face mesh: only the others are tested (the same result, 5-10x less work).
         if self.backend == "triton":  # registers only: no temporaries, so no chunking either
             return self.deform_triton(x_r, frame, meshes)
+        if x_r.device.type == "cpu" and self.compiled is None:
+            near = (~self.rigid_points(x_r, frame, meshes)).nonzero().squeeze(1)
+            canonical = x_r.clone()
+            closeness = torch.zeros(x_r.shape[0], device=x_r.device, dtype=x_r.dtype)
+            if near.numel():
+                moved, weight = self._deform_chunks(x_r[near], frame[near], meshes, chunk)
+                canonical[near], closeness[near] = moved, weight
+            return canonical, closeness
+        return self._deform_chunks(x_r, frame, meshes, chunk)
+
+    def _deform_chunks(self, x_r: torch.Tensor, frame: torch.Tensor, meshes: torch.Tensor, chunk: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         kernel = self.compiled or self._deform_near
         if x_r.shape[0] <= chunk:
             return kernel(x_r, frame, meshes)

@@ -30,21 +30,19 @@ BACKENDS = ("torch", "triton", "tcnn")
 
 # ---------------------------------------------------------------------------------------------- reference
 
-_CORNERS = [(c & 1, (c >> 1) & 1, (c >> 2) & 1) for c in range(8)]
-_CORNER_CACHE: dict[torch.device, torch.Tensor] = {}
-
-
-def _corners(device: torch.device) -> torch.Tensor:
-    """(8, 3) int64 corner offsets, created once per device (a host-to-device copy per call would sync)."""
-    if device not in _CORNER_CACHE:
-        _CORNER_CACHE[device] = torch.tensor(_CORNERS, dtype=torch.int64, device=device)
-    return _CORNER_CACHE[device]
+def _axis_corners(cell: torch.Tensor, frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per axis, the two grid coordinates (N, 3, 2) and their trilinear weights (N, 3, 2) around a point."""
+    return torch.stack([cell, cell + 1], dim=2), torch.stack([1.0 - frac, frac], dim=2)
 
 
 def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int, fused: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Table rows (N, 8) and trilinear weights (N, 8) of the 8 corners around ``x`` (N, 3) at ``level``.
-    ``fused``: round the float32 position once, as a GPU fused multiply-add does (else twice, as PyTorch)."""
+    """Table rows (N, 8) and trilinear weights (N, 8) of the 8 corners around ``x`` (N, 3) at ``level``; corner
+    ``c`` is offset (c & 1, c >> 1 & 1, c >> 2 & 1). ``fused``: round the float32 position once, as a GPU fused
+    multiply-add does (else twice, as PyTorch).
+
+    Separable: each axis's two coordinates (times its prime) and weights are formed once and the 8 corners are
+    their broadcast combination, a third of the integer work of forming all 8 x 3 corner coordinates."""
     scale = float(layout.scales[level])  # a float32 value: the product below is the float32 one
     res, size = int(layout.resolutions[level]), int(layout.sizes[level])
     if fused and x.dtype == torch.float32:  # float32 x times a float32 scale is exact in float64
@@ -52,19 +50,17 @@ def level_indices(x: torch.Tensor, layout: HashGridLayout, level: int, fused: bo
     else:
         pos = x * scale + 0.5
     cell = torch.floor(pos)
-    frac = pos - cell
-    cell = cell.to(torch.int64)
-    corner = _corners(x.device)  # (8, 3)
-    grid = cell[:, None, :] + corner[None]  # (N, 8, 3)
-    upper = corner.bool()[None]
-    w = torch.where(upper, frac[:, None, :], 1.0 - frac[:, None, :])
-    weight = w[..., 0] * w[..., 1] * w[..., 2]
+    coords, w = _axis_corners(cell.to(torch.int64), pos - cell)
+    # (N, z, y, x) broadcasts, so that the flattened corner index is x + 2 y + 4 z.
+    weight = (w[:, 0, None, None, :] * w[:, 1, None, :, None]) * w[:, 2, :, None, None]
+    gx, gy, gz = coords[:, 0, None, None, :], coords[:, 1, None, :, None], coords[:, 2, :, None, None]
     if layout.hashed[level]:
-        index = (grid[..., 0] * PRIMES[0]) ^ (grid[..., 1] * PRIMES[1]) ^ (grid[..., 2] * PRIMES[2])
-        index = index & 0xFFFFFFFF
+        index = (gx * PRIMES[0]) ^ (gy * PRIMES[1]) ^ (gz * PRIMES[2])
+        # Hashed levels hold 2**log2_table entries: the modulo of the uint32 hash is a mask.
+        index = index & (size - 1) if size & (size - 1) == 0 else (index & 0xFFFFFFFF) % size
     else:
-        index = grid[..., 0] + grid[..., 1] * res + grid[..., 2] * (res * res)
-    return index % size + int(layout.offsets[level]), weight
+        index = (gx + gy * res + gz * (res * res)) % size
+    return index.reshape(-1, 8) + int(layout.offsets[level]), weight.reshape(-1, 8)
 
 
 def hash_encode_torch(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayout, fused: bool = False
@@ -72,12 +68,19 @@ def hash_encode_torch(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayo
     """Reference encoding of ``x`` (N, 3) in [0, 1] with ``table`` (entries, F): (N, L * F) in x's dtype
     (float64 inputs give the exact encoding). ``fused``: see :func:`level_indices`.
 
-    A loop over levels keeps the memory at O(N * 8) per level; autograd gives the table gradient."""
+    A loop over levels keeps the memory at O(N * 8) per level; autograd gives the table gradient. The rows are
+    gathered with ``index_select`` when the table needs a gradient (its backward is an index_add) and with
+    ``embedding`` otherwise (2-2.5x faster than advanced indexing on the CPU, where previews render)."""
     outs = []
+    gather_for_grad = torch.is_grad_enabled() and table.requires_grad
     for level in range(layout.levels):
         index, weight = level_indices(x, layout, level, fused)
-        values = table[index]  # (N, 8, F)
-        outs.append((values * weight[..., None]).sum(dim=1))
+        if gather_for_grad:
+            values = torch.index_select(table, 0, index.reshape(-1)).view(index.shape[0], 8, -1)
+        else:
+            values = torch.nn.functional.embedding(index, table)  # (N, 8, F)
+        with torch.autocast(x.device.type, enabled=False):  # the blend stays in the table's precision
+            outs.append(torch.bmm(weight[:, None, :].to(values.dtype), values)[:, 0])
     return torch.cat(outs, dim=1)
 
 
