@@ -291,6 +291,22 @@ def test_far_points_move_rigidly():
     assert torch.equal(x_c, x) and (closeness == 0).all()
 
 
+def test_empty_batches_encode_and_deform():
+    """A ray batch can have no occupied sample: zero points go through the encoding (with and without a
+    gradient) and the deformation."""
+    from ophav_insta.hashgrid import HashGrid, HashGridLayout
+
+    grid = HashGrid(HashGridLayout(levels=3, features=2, log2_table=8, base_resolution=4, finest_resolution=32))
+    empty = torch.zeros(0, 3)
+    assert grid(empty).shape == (0, 6)
+    with torch.no_grad():
+        assert grid(empty).shape == (0, 6)
+    tracking = synthetic_tracking(2, 32)
+    deformer, unposed = _deformer(tracking)
+    x_c, closeness = deformer.deform(empty, torch.zeros(0, dtype=torch.long), unposed)
+    assert x_c.shape == (0, 3) and closeness.shape == (0,)
+
+
 def test_cpu_deformation_skips_only_points_it_would_leave_in_place():
     """On the CPU, points certainly beyond ``far`` of their frame's mesh skip the nearest-triangle test: the
     result equals the full test's exactly, over a spread from on the mesh to far outside it."""

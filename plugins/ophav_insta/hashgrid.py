@@ -76,7 +76,7 @@ def hash_encode_torch(x: torch.Tensor, table: torch.Tensor, layout: HashGridLayo
     for level in range(layout.levels):
         index, weight = level_indices(x, layout, level, fused)
         if gather_for_grad:
-            values = torch.index_select(table, 0, index.reshape(-1)).view(index.shape[0], 8, -1)
+            values = torch.index_select(table, 0, index.reshape(-1)).view(index.shape[0], 8, table.shape[1])
         else:
             values = torch.nn.functional.embedding(index, table)  # (N, 8, F)
         with torch.autocast(x.device.type, enabled=False):  # the blend stays in the table's precision
