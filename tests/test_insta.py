@@ -751,7 +751,8 @@ def _psnr_and_alpha_error(field, ckpt, tracking, frames, masks):
 
 def test_training_learns_the_synthetic_head(tmp_path, head):
     tracking, frames, masks = head
-    field = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4)
+    # Without carving, so that the renders below see only the field's own densities.
+    field = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4, carve_min_share=0.0)
     start = field.fit(frames, masks, tracking, tmp_path / "start.ckpt", iterations=0)
     trained = field.fit(frames, masks, tracking, tmp_path / "trained.ckpt", iterations=150)
     psnr0, alpha0 = _psnr_and_alpha_error(field, start, tracking, frames, masks)
@@ -769,6 +770,52 @@ def test_training_learns_the_synthetic_head(tmp_path, head):
     mse = float(((skipped.rgb / 255.0 - full.rgb / 255.0) ** 2).mean())
     assert -10 * np.log10(max(mse, 1e-12)) > 45.0
     assert np.abs(skipped.alpha - full.alpha).max() < 0.05
+
+
+def test_space_carving_empties_what_the_masks_show_as_background(tmp_path, head):
+    """Voxels away from the mesh that project onto clear background in enough training frames are carved:
+    none within the deformation's reach of the mesh, none whose centre projects onto the head in every frame;
+    renders skip them, which brings the renders closer to the training frames than the field's own densities
+    there (what it learned in the warm-up and at the carved region's edge: faint floaters)."""
+    import torch
+
+    from ophav_insta.deform import mesh_clearance
+    from ophav_insta.render import OccupancyGrid
+    from ophav_insta.train import Scene, carve_from_masks
+
+    tracking, frames, masks = head
+    field = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4)
+    trained = field.fit(frames, masks, tracking, tmp_path / "carved.ckpt", iterations=150)
+    model = field._loaded(trained.path)
+    carved = model.occupancy.carved
+    assert carved is not None and 0.05 < carved.float().mean() < 0.9
+    grid = model.occupancy
+    centres = grid.cell_points(None, False) * grid.cube_side + grid.cube_min
+    clearance = mesh_clearance(centres, model.deformer.canonical, model.deformer.faces)
+    assert clearance[carved].min() > model.deformer.far, "a carved voxel within the deformation's reach"
+    # Voxel centres on the head in every frame (the mask's core) are never carved.
+    scene = Scene.build(frames, masks, tracking, model.geometry, "cpu")
+    K = torch.as_tensor(tracking.K, dtype=torch.float32)
+    on_head = torch.ones(centres.shape[0], dtype=torch.bool)
+    for i in range(len(tracking)):
+        cam = centres @ scene.rotation[i].T + scene.translation[i]
+        u = (K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2]).round().long()
+        v = (K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]).round().long()
+        inside = (u >= 0) & (u < frames.size[0]) & (v >= 0) & (v < frames.size[1])
+        core = torch.zeros_like(on_head)
+        core[inside] = scene.masks[i][v[inside], u[inside]] > 250
+        on_head &= core
+    assert on_head.any() and not (carved & on_head).any()
+    # The carving computed again from the same scene is the stored one; without a share there is none.
+    again = carve_from_masks(scene, OccupancyGrid(grid.resolution, grid.cube_min, grid.cube_side), model.deformer,
+                             0.05)
+    assert torch.equal(again, carved)
+    assert not carve_from_masks(scene, grid, model.deformer, 0.0).any()
+    every = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4,
+                   render_canonical_skip=False, render_colour_min_weight=0.0)
+    psnr_carved, alpha_carved = _psnr_and_alpha_error(field, trained, tracking, frames, masks)
+    psnr_every, alpha_every = _psnr_and_alpha_error(every, trained, tracking, frames, masks)
+    assert alpha_carved < alpha_every and psnr_carved > psnr_every
 
 
 def test_colour_is_asked_only_within_the_trained_expressions(tmp_path, head):

@@ -171,6 +171,21 @@ def voxel_index(x: torch.Tensor, grid_min: torch.Tensor, grid_max: torch.Tensor,
     return cell[:, 0] + resolution * (cell[:, 1] + resolution * cell[:, 2]), inside
 
 
+def mesh_clearance(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor,
+                   vertex_slack: torch.Tensor | None = None, chunk: int = 4096) -> torch.Tensor:
+    """(N,) a lower bound of each point's distance to the mesh: over the triangles, the distance to the
+    centroid less the triangle's radius (no triangle point is nearer than that). ``vertex_slack`` (V,): how far
+    each vertex may move (the bound then holds for every mesh whose vertices moved at most that much)."""
+    tri = vertices[faces]
+    centroid = tri.mean(dim=1)
+    radius = (tri - centroid[:, None]).norm(dim=-1).amax(dim=-1)
+    if vertex_slack is not None:  # a triangle's points move at most as far as its vertices
+        radius = radius + vertex_slack[faces].amax(dim=-1)
+    if points.shape[0] == 0:
+        return points.new_zeros(0)
+    return torch.cat([(torch.cdist(c, centroid) - radius).amin(dim=1) for c in points.split(chunk)])
+
+
 # ---------------------------------------------------------------------------------------------- deformer
 
 
@@ -268,15 +283,11 @@ class MeshDeformer:
 
     def voxel_clearance(self) -> torch.Tensor:
         """(G^3,) per candidate-grid voxel, a lower bound of the distance from any point in it to the canonical
-        mesh (a triangle's centroid distance minus its radius, minus the voxel's half diagonal), built once."""
+        mesh (:func:`mesh_clearance` of its centre less its half diagonal), built once."""
         if self._voxel_clearance is None or self._voxel_clearance.device != self.canonical.device:
-            tri = self.canonical[self.faces]
-            centroid = tri.mean(dim=1)
-            radius = (tri - centroid[:, None]).norm(dim=-1).amax(dim=-1)
             centres = voxel_centres(self.grid_min, self.grid_max, self.resolution)
             half_diagonal = 0.5 * float(((self.grid_max - self.grid_min) / self.resolution).norm())
-            bound = torch.cat([(torch.cdist(c, centroid) - radius).amin(dim=1)
-                               for c in centres.split(4096)])
+            bound = mesh_clearance(centres, self.canonical, self.faces)
             self._voxel_clearance = (bound - half_diagonal).clamp_min(0.0)
         return self._voxel_clearance
 

@@ -80,6 +80,9 @@ class InstaOptions(BaseModel):
     occupancy_warmup: int = Field(256, ge=0, description="iterations before empty space is skipped")
     occupancy_threshold: float = Field(0.01, gt=0, lt=1, description="a voxel is empty below this opacity per sample")
     occupancy_decay: float = Field(0.95, ge=0, le=1, description="decay of the occupancy densities per update")
+    carve_min_share: float = Field(0.05, ge=0, le=1, description="space carving: an occupancy voxel away from the "
+                                   "face mesh stays empty (no density, skipped by renders) when it projects onto "
+                                   "clear background in at least this share of the training frames; 0: off")
     # ---- rendering
     render_block: int = Field(8, ge=1, description="occupied samples per ray evaluated in the first round of a "
                               "render (the window doubles each round; rays that became opaque stop between rounds)")

@@ -187,6 +187,9 @@ class OccupancyGrid:
         self.occupied = torch.ones(resolution ** 3, dtype=torch.bool, device=device)
         self.opaque: torch.Tensor | None = None  # before dilation; None for checkpoints that did not store it
         self.surface = torch.zeros(resolution ** 3, dtype=torch.bool, device=device)
+        # Voxels the training masks show empty (ophav_insta.train.carve_from_masks): never opaque, and renders
+        # skip canonical points there. None: no carving.
+        self.carved: torch.Tensor | None = None
         self.active = False  # False: everything counts as occupied (warm-up)
 
     @property
@@ -250,6 +253,10 @@ class OccupancyGrid:
         fresh = torch.cat([density_fn(points[i:i + chunk]).float() for i in range(0, points.shape[0], chunk)])
         self.density = torch.maximum(self.density * decay, fresh)
         self.opaque = ((1.0 - torch.exp(-self.density * step)) > threshold) | self.surface
+        if self.carved is not None:
+            self.opaque &= ~self.carved
+        # The unposed-space lookups dilate what is opaque by the expression displacement, carved voxels
+        # included: a point an expression moves there has its canonical twin elsewhere.
         self.occupied = variable_dilation(self.opaque, self.radius, self._radii)
         self.active = self.active or activate
 
@@ -260,6 +267,7 @@ class OccupancyGrid:
             return self
         grid = OccupancyGrid(self.resolution, self.cube_min, self.cube_side, radius)
         grid.density, grid.opaque, grid.surface, grid.active = self.density, self.opaque, self.surface, True
+        grid.carved = self.carved
         grid.occupied = variable_dilation(self.opaque, grid.radius, grid._radii)
         return grid
 
@@ -272,10 +280,12 @@ class OccupancyGrid:
             return None
         res = self.resolution
         cached = getattr(self, "_near_cache", None)
-        if cached is None or cached[0] is not self.opaque or cached[1] != margin:
+        if cached is None or cached[0] is not self.opaque or cached[1] != margin or cached[2] is not self.carved:
             near = variable_dilation(self.opaque, torch.full_like(self.radius, margin), [margin])
-            self._near_cache = (self.opaque, margin, near)
-        near = self._near_cache[2]
+            if self.carved is not None:  # canonical points: the carving applies exactly
+                near &= ~self.carved
+            self._near_cache = (self.opaque, margin, self.carved, near)
+        near = self._near_cache[3]
         strides = self._strides(near.device)
 
         def test(unit: torch.Tensor) -> torch.Tensor:
@@ -291,6 +301,8 @@ class OccupancyGrid:
                  "dilation": self.dilation, "radius": self.radius.cpu()}
         if self.opaque is not None:
             state["opaque"] = self.opaque.cpu()
+        if self.carved is not None:
+            state["carved"] = self.carved.cpu()
         return state
 
     def load_state(self, state: dict) -> None:
@@ -299,6 +311,7 @@ class OccupancyGrid:
         self.occupied = state["occupied"].to(device).bool()
         self.active = bool(state["active"])
         self.opaque = state["opaque"].to(device).bool() if "opaque" in state else None
+        self.carved = state["carved"].to(device).bool() if "carved" in state else None
         if "radius" in state and state["radius"].numel() == self.radius.numel():
             self.radius = state["radius"].to(device=device, dtype=torch.uint8)
         elif "radius" not in state:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ophav_core.stages.data import FrameSet, MaskSet, Tracking
-from ophav_insta.deform import MeshDeformer, unposed_vertices
+from ophav_insta.deform import MeshDeformer, mesh_clearance, unposed_vertices
 from ophav_insta.model import CanonicalField, FieldConfig, FrameData, Geometry, HeadField
 from ophav_insta.options import InstaOptions
 from ophav_insta.phases import phase
@@ -91,6 +91,56 @@ class Scene:
                    t(usable, torch.int64))
 
 
+@torch.no_grad()
+def carve_from_masks(scene: Scene, occupancy: OccupancyGrid, deformer: MeshDeformer, min_share: float,
+                     level: float = 0.02, max_frames: int = 256, chunk: int = 8) -> torch.Tensor:
+    """(res^3,) bool: occupancy voxels the training masks show empty (space carving).
+
+    A voxel is carved when, in at least ``min_share`` of the training frames (and in two), its whole footprint
+    projects onto clear background (mask below ``level`` after a max filter as wide as the voxel's projected
+    half diagonal). Only voxels farther from the canonical mesh than the largest expression displacement of the
+    frames plus the deformation's ``far`` distance are considered: there every frame's field is the canonical one
+    moved rigidly, so one camera per frame places the voxel exactly; nearer the mesh an expression could move the
+    face into a voxel that was background in another frame (the chin of an opening jaw)."""
+    res, side = occupancy.resolution, occupancy.cube_side
+    device = occupancy.cube_min.device
+    carved = torch.zeros(res ** 3, dtype=torch.bool, device=device)
+    usable = scene.usable
+    if usable.numel() == 0 or min_share <= 0:
+        return carved
+    centres = occupancy.cell_points(None, False) * side + occupancy.cube_min
+    half_diagonal = 0.5 * side / res * 3 ** 0.5
+    moved = (scene.meshes[usable] - deformer.canonical).norm(dim=-1).amax(dim=0)  # (V,) over the frames
+    clearance = mesh_clearance(centres, deformer.canonical, deformer.faces, moved) - half_diagonal
+    candidates = (clearance > deformer.far).nonzero().squeeze(1)
+    if candidates.numel() == 0:
+        return carved
+    points = centres[candidates]
+    picked = usable[torch.linspace(0, usable.numel() - 1, min(max_frames, usable.numel()), device=device).long()]
+    height, width = scene.masks.shape[1:3]
+    K = torch.linalg.inv(scene.K_inv[picked].double()).float()
+    background = torch.zeros(candidates.numel(), dtype=torch.int32, device=device)
+    for start in range(0, picked.numel(), chunk):
+        frames = picked[start:start + chunk]
+        cam = torch.einsum("fij,pj->fpi", scene.rotation[frames], points) + scene.translation[frames][:, None]
+        z = cam[..., 2]
+        k = K[start:start + chunk]
+        u = k[:, 0, 0, None] * cam[..., 0] / z.clamp_min(1e-6) + k[:, 0, 2, None]
+        v = k[:, 1, 1, None] * cam[..., 1] / z.clamp_min(1e-6) + k[:, 1, 2, None]
+        # The footprint: the voxel's half diagonal at the nearest candidate's depth, plus a pixel for rounding.
+        radius = int(np.ceil(float((half_diagonal * k[:, 0, 0] / z.clamp_min(1e-6).amin(dim=1)).max()))) + 1
+        mask = scene.masks[frames].float()[:, None]
+        wide = torch.nn.functional.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)[:, 0]
+        col, row = u.round().long(), v.round().long()
+        seen = (z > 0) & (col >= 0) & (col < width) & (row >= 0) & (row < height)
+        flat = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1))
+        value = torch.gather(wide.reshape(len(frames), -1), 1, flat)
+        background += (seen & (value < level * 255.0)).sum(dim=0, dtype=torch.int32)
+    needed = max(2, int(np.ceil(min_share * picked.numel())))
+    carved[candidates[background >= needed]] = True
+    return carved
+
+
 @dataclass
 class Batch:
     rays: Rays
@@ -153,6 +203,9 @@ class Trainer:
             self.occupancy.load_state(occupancy_state)
             self.occupancy.radius = radius
         self.occupancy.mark_surface(surface_points(deformer.canonical, deformer.faces))
+        if options.carve_min_share > 0:  # this training's frames (a continued one may show new views)
+            with phase("carving"):
+                self.occupancy.carved = carve_from_masks(scene, self.occupancy, deformer, options.carve_min_share)
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.background = background_rgb(options.background, self.device)
         self.amp = bool(options.amp and cuda)
