@@ -811,6 +811,11 @@ def test_space_carving_empties_what_the_masks_show_as_background(tmp_path, head)
                              0.05)
     assert torch.equal(again, carved)
     assert not carve_from_masks(scene, grid, model.deformer, 0.0).any()
+    # Cameras that look away from the head (a dataset read in the wrong axes): no voxel is seen, none is carved
+    # (and the footprint of voxels at or behind the camera does not blow up the mask filter).
+    behind = Scene(scene.images, scene.masks, scene.rotation, -scene.translation, scene.K_inv, scene.meshes,
+                   scene.expressions, scene.rects, scene.usable)
+    assert not carve_from_masks(behind, grid, model.deformer, 0.05).any()
     every = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4,
                    render_canonical_skip=False, render_colour_min_weight=0.0)
     psnr_carved, alpha_carved = _psnr_and_alpha_error(field, trained, tracking, frames, masks)

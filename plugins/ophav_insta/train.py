@@ -127,8 +127,11 @@ def carve_from_masks(scene: Scene, occupancy: OccupancyGrid, deformer: MeshDefor
         k = K[start:start + chunk]
         u = k[:, 0, 0, None] * cam[..., 0] / z.clamp_min(1e-6) + k[:, 0, 2, None]
         v = k[:, 1, 1, None] * cam[..., 1] / z.clamp_min(1e-6) + k[:, 1, 2, None]
-        # The footprint: the voxel's half diagonal at the nearest candidate's depth, plus a pixel for rounding.
-        radius = int(np.ceil(float((half_diagonal * k[:, 0, 0] / z.clamp_min(1e-6).amin(dim=1)).max()))) + 1
+        # The footprint: the voxel's half diagonal at the nearest candidate's depth in front of the camera, plus a
+        # pixel for rounding (capped: voxels right at the camera say nothing useful).
+        nearest = torch.where(z > 0, z, torch.full_like(z, float("inf"))).amin(dim=1)
+        footprint = float((half_diagonal * k[:, 0, 0] / nearest).max())
+        radius = int(min(np.ceil(footprint) if np.isfinite(footprint) else 0, min(height, width) // 4)) + 1
         mask = scene.masks[frames].float()[:, None]
         wide = torch.nn.functional.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)[:, 0]
         col, row = u.round().long(), v.round().long()
@@ -203,7 +206,9 @@ class Trainer:
             self.occupancy.load_state(occupancy_state)
             self.occupancy.radius = radius
         self.occupancy.mark_surface(surface_points(deformer.canonical, deformer.faces))
-        if options.carve_min_share > 0:  # this training's frames (a continued one may show new views)
+        # From this training's frames (a continued one may show new views); off, a continued one drops its carving.
+        self.occupancy.carved = None
+        if options.carve_min_share > 0:
             with phase("carving"):
                 self.occupancy.carved = carve_from_masks(scene, self.occupancy, deformer, options.carve_min_share)
         self.generator = torch.Generator(self.device).manual_seed(seed + 1)
