@@ -305,7 +305,8 @@ class MeshDeformer:
         # On a GPU every point goes through the candidate test (points outside the grid get closeness 0):
         # compacting the inside points would need a host sync per batch, which costs more there than the spare
         # math. On the CPU there is no sync to lose, and most samples of a head (hair, the box around it) lie
-        # beyond ``far`` of the face mesh: only the others are tested (the same result, 5-10x less work).
+        # beyond ``far`` of the face mesh: only the others are tested (the same result; a preview render spends
+        # 2.7x less time deforming, benchmarks/RESULTS.md).
         if self.backend == "triton":  # registers only: no temporaries, so no chunking either
             return self.deform_triton(x_r, frame, meshes)
         if x_r.device.type == "cpu" and self.compiled is None:

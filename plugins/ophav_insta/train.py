@@ -98,10 +98,11 @@ def carve_from_masks(scene: Scene, occupancy: OccupancyGrid, deformer: MeshDefor
 
     A voxel is carved when, in at least ``min_share`` of the training frames (and in two), its whole footprint
     projects onto clear background (mask below ``level`` after a max filter as wide as the voxel's projected
-    half diagonal). Only voxels farther from the canonical mesh than the largest expression displacement of the
-    frames plus the deformation's ``far`` distance are considered: there every frame's field is the canonical one
-    moved rigidly, so one camera per frame places the voxel exactly; nearer the mesh an expression could move the
-    face into a voxel that was background in another frame (the chin of an opening jaw)."""
+    half diagonal). Only voxels farther than the deformation's ``far`` distance from every frame's mesh are
+    considered (bounded through each vertex's largest displacement over the frames, :func:`mesh_clearance`):
+    there every frame's field is the canonical one moved rigidly, so one camera per frame places the voxel
+    exactly; nearer the mesh an expression could move the face into a voxel that was background in another frame
+    (the chin of an opening jaw). Cameras see only voxels in front of them and inside the image."""
     res, side = occupancy.resolution, occupancy.cube_side
     device = occupancy.cube_min.device
     carved = torch.zeros(res ** 3, dtype=torch.bool, device=device)
