@@ -46,6 +46,10 @@ class RunConfig(BaseModel):
     generated_pose: bool = Field(True, description=(
         "fit the coarse video's tracked head poses onto the mesh the image2video drew each frame with, where it "
         "gives one (meshwarp does), instead of keeping the tracker's own estimate"))
+    mirror_views: bool = Field(True, description=(
+        "in each restore round, draw a view the avatar cannot render (the run's tracker does not find the face "
+        "there) from its mirror view, flipped, and let the views reach as far to each side as the coarse video "
+        "reaches to either: the symmetry prior for the side of the head the portrait did not show"))
     image2video: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["image2video"]))
     segmenter: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["segmenter"]))
     tracker: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["tracker"]))

@@ -114,3 +114,136 @@ def test_keep_the_head_cuts_a_blob_beside_the_face():
     single = np.zeros_like(alpha)
     single[10:40, 20:44] = 1.0
     np.testing.assert_array_equal(keep_the_head(single, region), single)
+
+
+def _symmetric_tracking(frames: int = 6, size: int = 64, offset_x: float = 0.0) -> Tracking:
+    """The synthetic head with a mirror map, its canonical shape moved ``offset_x`` off the plane x = 0, and an
+    expression basis made of mirror pairs (component k + E/2 is component k's mirror image)."""
+    base = synthetic_tracking(frames, size)
+    canonical = base.canonical_vertices.astype(np.float64)
+    mirrored = canonical * [-1.0, 1.0, 1.0]
+    symmetry = ((mirrored[:, None] - canonical[None]) ** 2).sum(-1).argmin(axis=1)
+    half = base.expression_basis
+    basis = np.concatenate([half, half[:, symmetry] * np.array([-1.0, 1.0, 1.0], np.float32)])
+    rng = np.random.default_rng(3)
+    expression = rng.uniform(-1, 1, (frames, basis.shape[0])).astype(np.float32)
+    canonical = (canonical + [offset_x, 0.0, 0.0]).astype(np.float32)
+    local = canonical[None] + np.einsum("ne,evc->nvc", expression, basis)
+    vertices = np.einsum("nij,nvj->nvi", base.rotation, local) + base.translation[:, None]
+    fields = base.topology.tracking_fields()
+    fields["symmetry"] = symmetry
+    return Tracking(K=base.K, image_size=base.image_size, rotation=base.rotation, translation=base.translation,
+                    expression=expression, vertices=vertices, canonical_vertices=canonical, expression_basis=basis,
+                    valid=base.valid, **fields)
+
+
+@pytest.mark.parametrize("offset_x", [0.0, 0.7])
+def test_a_mirrored_view_flipped_shows_the_original_view(offset_x):
+    from ophav_core.pipeline.animate import mirrored_request
+    from ophav_core.stages import RenderRequest
+
+    tracking = _symmetric_tracking(offset_x=offset_x)
+    request = RenderRequest.from_tracking(tracking)
+    trained = np.random.default_rng(1).normal(0.0, 1.0, (500, tracking.expression.shape[1]))
+    mirrored = mirrored_request(tracking, request, observed=trained)
+    yaw, _ = pose_angles(tracking)
+    np.testing.assert_allclose(pose_angles(tracking_for_request(tracking, mirrored))[0], -yaw, atol=1e-3)
+    # The mirror pairs of the basis swap.
+    half = tracking.expression.shape[1] // 2
+    np.testing.assert_allclose(mirrored.expression[:, :half], request.expression[:, half:], atol=0.02)
+    # Vertex i of the mirrored view, flipped (x -> W - 1 - x), lands where vertex symmetry[i] of the view is.
+    vertices = tracking.mesh_for(mirrored.rotation, mirrored.translation, mirrored.expression)
+    pixels = np.stack([tracking.project(vertices[i], mirrored.K[i]) for i in range(len(request))])
+    pixels[..., 0] = (tracking.image_size[0] - 1) - pixels[..., 0]
+    original = tracking.project(tracking.vertices)
+    np.testing.assert_allclose(pixels, original[:, tracking.symmetry], atol=0.05)  # (the prior shrinks a little)
+
+
+def test_a_mesh_without_a_mirror_map_has_no_mirrored_view():
+    from ophav_core.pipeline.animate import mirrored_request
+    from ophav_core.stages import RenderRequest
+
+    tracking = synthetic_tracking(3, 32)
+    assert mirrored_request(tracking, RenderRequest.from_tracking(tracking)) is None
+
+
+def test_symmetric_views_reach_the_mirror_of_the_tracked_range():
+    tracking = synthetic_tracking(40, 64, max_yaw=30.0)
+    turned = Tracking(**{**_fields(tracking), "rotation": tracking.rotation @ _yaw(20.0)})  # yaw -10 .. 50
+    yaw, _ = pose_angles(turned)
+    rng = np.random.default_rng(0)
+    plain = pose_angles(tracking_for_request(turned, widening_views(turned, 400, rng)))[0]
+    both = pose_angles(tracking_for_request(turned, widening_views(turned, 400, rng, symmetric=True)))[0]
+    assert plain.min() > np.percentile(yaw, 2) - 2
+    assert both.min() < -np.percentile(yaw, 98) + 5 and both.max() < np.percentile(yaw, 98) + 2
+
+
+def _yaw(degrees: float) -> np.ndarray:
+    from ophav_core.stages.motion import euler_to_matrix
+
+    return euler_to_matrix(np.array([degrees]), np.zeros(1), np.zeros(1))[0].astype(np.float32)
+
+
+def _fields(tracking: Tracking) -> dict:
+    return dict(K=tracking.K, image_size=tracking.image_size, rotation=tracking.rotation,
+                translation=tracking.translation, expression=tracking.expression, vertices=tracking.vertices,
+                canonical_vertices=tracking.canonical_vertices, expression_basis=tracking.expression_basis,
+                valid=tracking.valid, **tracking.topology.tracking_fields())
+
+
+class _LeftSideTracker:
+    """Finds the face where the views put it in frames whose left half is bright (stands for the side of the
+    head the avatar learned), nowhere else."""
+
+    def track(self, frames, *, single_image=False, reference=None, source=""):
+        half = frames.frames.shape[2] // 2
+        valid = frames.frames[:, :, :half].mean(axis=(1, 2, 3)) > 100
+        return Tracking(**{**_fields(reference), "valid": valid})
+
+
+def test_a_rejected_render_is_taken_from_its_mirror_view_when_that_one_reads_as_the_face():
+    from ophav_core.pipeline.animate import mirrored_request
+    from ophav_core.pipeline.scheduler import mirror_rejected
+    from ophav_core.stages import RenderRequest
+
+    views = _symmetric_tracking(4, 32)
+    request = RenderRequest.from_tracking(views)
+    rgb = np.zeros((4, 32, 32, 3), np.uint8)
+    rgb[[0, 2], :, :16] = 200  # views 0 and 2 render well; 1 and 3 show their good side on the right
+    rgb[[1, 3], :, 16:] = 200
+    rgb[3, :, :] = 0  # view 3 cannot be drawn from either side
+    renders = RenderResult(rgb=rgb, alpha=np.ones((4, 32, 32), np.float32), depth=np.ones((4, 32, 32), np.float32))
+    tracker = _LeftSideTracker()
+    checks = check_renders(tracker, renders, views)
+    assert checks["kept"] == [True, False, True, False]
+    asked = []
+
+    def render(req):
+        asked.append(req)
+        return RenderResult(rgb=rgb[[1, 3]], alpha=renders.alpha[:2], depth=renders.depth[:2])
+
+    out, after = mirror_rejected(render, tracker, views, request, views, renders, checks)
+    # Only the two rejected views were drawn again, from their mirror views.
+    expected = mirrored_request(views, request).subset(np.array([1, 3]))
+    np.testing.assert_allclose(asked[0].rotation, expected.rotation, atol=1e-6)
+    assert after["kept"] == [True, True, True, False] and after["mirrored"] == [False, True, False, False]
+    assert (out.rgb[1, :, :16] == 200).all() and (out.rgb[1, :, 16:] == 0).all()  # flipped into place
+    np.testing.assert_array_equal(out.rgb[[0, 2, 3]], rgb[[0, 2, 3]])
+    assert after["landmark_error"][1] is not None
+
+
+def test_side_gains_bring_a_mirrored_head_to_the_colour_of_the_render_it_replaces():
+    from ophav_core.pipeline.scheduler import side_gains
+
+    alpha = np.zeros((2, 16, 16), np.float32)
+    alpha[:, 4:12, 4:12] = 1.0
+    mirrored = np.full((2, 16, 16, 3), 100, np.uint8)
+    direct = np.full((2, 16, 16, 3), 255, np.uint8)  # white outside the head: must not count
+    direct[:, 4:12, 4:12] = [120, 90, 100]
+    gains = side_gains(mirrored, alpha, direct, alpha)
+    np.testing.assert_allclose(gains[0], [1.2, 0.9, 1.0], atol=1e-6)
+    far = side_gains(mirrored, alpha, direct, np.zeros_like(alpha))  # no shared head: left alone
+    np.testing.assert_array_equal(far, 1.0)
+    dark = direct.copy()
+    dark[:, 4:12, 4:12] = 10
+    assert np.allclose(side_gains(mirrored, alpha, dark, alpha), 0.7)  # bounded

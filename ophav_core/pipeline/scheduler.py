@@ -33,8 +33,8 @@ import numpy as np
 from ophav_core import __version__
 from ophav_core.config import ResolvedConfig
 from ophav_core.errors import OphavError, UsageError
-from ophav_core.stages import (AvatarCheckpoint, FrameSet, MaskSet, Portrait, RenderResult, RestoreInput, RunContext,
-                               Tracking)
+from ophav_core.stages import (AvatarCheckpoint, FrameSet, MaskSet, Portrait, RenderRequest, RenderResult,
+                               RestoreInput, RunContext, Tracking)
 from ophav_core.stages.data import atomic_write_bytes
 from ophav_core.weights import sha256_of
 
@@ -96,8 +96,9 @@ def _content_digest(path: str | Path | None) -> str:
 
 
 # Bumped when what a round computes changes (2: widening views, renders checked by the tracker, refit on the coarse
-# video plus the restored views), so a run of an older method is not taken as the same computation.
-ROUND_METHOD = 2
+# video plus the restored views; 3: rejected renders taken from their mirror views), so a run of an older method is
+# not taken as the same computation.
+ROUND_METHOD = 3
 
 
 def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dict[str, str]:
@@ -120,7 +121,7 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         "export": resolved.to_dict(),
     }
     for r in range(1, resolved.rounds + 1):
-        adds[f"render{r}"] = {"method": ROUND_METHOD}
+        adds[f"render{r}"] = {"method": ROUND_METHOD, "mirror_views": resolved.config.mirror_views}
         adds[f"restore{r}"] = {"restorer": stage("restorer")}
     keys, previous = {}, ""
     for name in step_names(resolved.rounds):
@@ -513,11 +514,18 @@ class Scheduler:
             from ophav_core.stages.base import hash_str
 
             rng = np.random.default_rng([self.resolved.config.seed, hash_str(f"round{r}")])
+            mirror = self.resolved.config.mirror_views and avatar.template.symmetry is not None
             request = widening_views(tracking, profile.restore_views, rng, widen_yaw=r * profile.widen_yaw,
-                                     widen_pitch=r * profile.widen_pitch)
-            result = self.component("field").render(avatar, request)
+                                     widen_pitch=r * profile.widen_pitch, symmetric=mirror)
+            field, tracker = self.component("field"), self.component("tracker")
+            result = field.render(avatar, request)
             views = tracking_for_request(avatar.template, request)
-            checks = check_renders(self.component("tracker"), result, views)
+            checks = check_renders(tracker, result, views)
+            if mirror:
+                result, checks = mirror_rejected(lambda req: field.render(avatar, req), tracker, avatar.template,
+                                                 request, views, result, checks, observed=tracking.expression)
+                self.log(f"round {r}: {sum(checks['mirrored'])} renders the avatar could not draw were taken "
+                         f"from their mirror views")
             request.save(self.root / request_rel)
             views.save(self.root / tracking_rel)
             result.save(self.root / renders_rel)
@@ -546,7 +554,9 @@ class Scheduler:
             restored.save(self.root / restored_rel)
             index = pick_evenly(len(images), 6)
             tiles = [im for i in index for im in (renders.rgb[i], images[i])]
-            labels = [t for i in index for t in (f"render #{i}" + ("" if kept[i] else " (left out)"), f"restored #{i}")]
+            mirrored = json.loads((self.root / checks_rel).read_text()).get("mirrored") or [False] * len(kept)
+            note = lambda i: " (mirrored)" if mirrored[i] else ("" if kept[i] else " (left out)")  # noqa: E731
+            labels = [t for i in index for t in (f"render #{i}{note(i)}", f"restored #{i}")]
             save_png(self.root / f"{folder}/contact.png", contact_sheet(tiles, columns=4, labels=labels))
             return restored
 
@@ -620,6 +630,59 @@ def check_renders(tracker, renders: RenderResult, views: Tracking) -> dict[str, 
     return {"kept": kept.tolist(), "face_found": found.tolist(),
             "landmark_error": [round(float(e), 4) if np.isfinite(e) else None for e in error],
             "tolerance": RENDER_CHECK_TOLERANCE, "unit": "inter-ocular distance"}
+
+
+def mirror_rejected(render: Callable[[RenderRequest], RenderResult], tracker, template: Tracking,
+                    request: RenderRequest, views: Tracking, renders: RenderResult,
+                    checks: dict[str, Any], observed: np.ndarray | None = None) -> tuple[RenderResult, dict[str, Any]]:
+    """The symmetry prior of a round: each render :func:`check_renders` left out is drawn again from its mirror
+    view (:func:`~ophav_core.pipeline.animate.mirrored_request`) and flipped; where the run's tracker reads that
+    one as the face the view should show, it takes the render's place, in the colours of the render it replaces
+    (:func:`side_gains`). A portrait turned to one side leaves the avatar's far side unlearned, and the near side
+    it did learn is the far side's mirror image. ``checks`` gains
+    ``mirrored`` (per render) and the replaced renders' landmark errors. ``observed``: the expressions the avatar
+    was trained on, which the mirrored ones are kept near."""
+    from ophav_core.pipeline.animate import flip_renders, mirrored_request
+
+    checks = dict(checks)
+    kept = np.asarray(checks["kept"], bool).copy()
+    mirrored_flags = np.zeros(len(kept), bool)
+    rejected = np.flatnonzero(~kept)
+    mirrored = mirrored_request(template, request, observed) if len(rejected) else None
+    if mirrored is not None:
+        flipped = flip_renders(render(mirrored.subset(rejected)))
+        again = check_renders(tracker, flipped, views.subset(rejected))
+        take = np.asarray(again["kept"], bool)
+        use = rejected[take]
+        rgb, alpha, depth = renders.rgb.copy(), renders.alpha.copy(), renders.depth.copy()
+        gains = side_gains(flipped.rgb[take], flipped.alpha[take], renders.rgb[use], renders.alpha[use])
+        rgb[use] = np.clip(flipped.rgb[take] * gains[:, None, None, :] + 0.5, 0, 255).astype(np.uint8)
+        alpha[use], depth[use] = flipped.alpha[take], flipped.depth[take]
+        renders = RenderResult(rgb=rgb, alpha=alpha, depth=depth)
+        kept[use] = mirrored_flags[use] = True
+        checks["face_found"] = list(checks["face_found"])
+        checks["landmark_error"] = list(checks["landmark_error"])
+        for i, j in zip(use, np.flatnonzero(take)):
+            checks["face_found"][i], checks["landmark_error"][i] = True, again["landmark_error"][j]
+    checks["kept"], checks["mirrored"] = kept.tolist(), mirrored_flags.tolist()
+    return renders, checks
+
+
+def side_gains(images: np.ndarray, alpha: np.ndarray, reference: np.ndarray, reference_alpha: np.ndarray,
+               bounds: tuple[float, float] = (0.7, 1.4)) -> np.ndarray:
+    """(N, 3) per-channel gains that bring the head in ``images`` to the mean colour of the head in ``reference``
+    (pixels where both alphas exceed 0.5; 1 where they share under 5% of the image). A mirrored render carries
+    the light of the other side of the face, and a portrait is seldom lit evenly from both: the gains keep the
+    side's own brightness and tint, which the failed direct render still shows on average."""
+    gains = np.ones((len(images), 3), np.float32)
+    for i in range(len(images)):
+        both = (alpha[i] > 0.5) & (reference_alpha[i] > 0.5)
+        if both.mean() < 0.05:
+            continue
+        own = images[i][both].astype(np.float64).mean(axis=0)
+        target = reference[i][both].astype(np.float64).mean(axis=0)
+        gains[i] = np.clip(target / np.maximum(own, 1.0), *bounds)
+    return gains
 
 
 def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored: FrameSet, renders: RenderResult,
