@@ -247,3 +247,18 @@ def test_side_gains_bring_a_mirrored_head_to_the_colour_of_the_render_it_replace
     dark = direct.copy()
     dark[:, 4:12, 4:12] = 10
     assert np.allclose(side_gains(mirrored, alpha, dark, alpha), 0.7)  # bounded
+
+
+def test_head_gains_leave_the_background_alone():
+    from ophav_core.pipeline.scheduler import apply_head_gains
+
+    alpha = np.zeros((1, 8, 8), np.float32)
+    alpha[0, 2:6, 2:6] = 1.0
+    alpha[0, 2, 2] = 0.5
+    image = np.full((1, 8, 8, 3), 255, np.uint8)
+    image[0, 2:6, 2:6] = 100
+    image[0, 2, 2] = 0.5 * 100 + 0.5 * 255  # a head edge pixel, half over the white background
+    out = apply_head_gains(image, alpha, np.array([[0.5, 1.0, 1.2]], np.float32))
+    assert (out[0, 0, 0] == 255).all()  # background
+    np.testing.assert_array_equal(out[0, 4, 4], [50, 100, 120])
+    np.testing.assert_allclose(out[0, 2, 2], [0.5 * 50 + 127.5, 177.5, 0.5 * 120 + 127.5], atol=1)

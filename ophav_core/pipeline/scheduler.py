@@ -656,7 +656,7 @@ def mirror_rejected(render: Callable[[RenderRequest], RenderResult], tracker, te
         use = rejected[take]
         rgb, alpha, depth = renders.rgb.copy(), renders.alpha.copy(), renders.depth.copy()
         gains = side_gains(flipped.rgb[take], flipped.alpha[take], renders.rgb[use], renders.alpha[use])
-        rgb[use] = np.clip(flipped.rgb[take] * gains[:, None, None, :] + 0.5, 0, 255).astype(np.uint8)
+        rgb[use] = apply_head_gains(flipped.rgb[take], flipped.alpha[take], gains)
         alpha[use], depth[use] = flipped.alpha[take], flipped.depth[take]
         renders = RenderResult(rgb=rgb, alpha=alpha, depth=depth)
         kept[use] = mirrored_flags[use] = True
@@ -683,6 +683,20 @@ def side_gains(images: np.ndarray, alpha: np.ndarray, reference: np.ndarray, ref
         target = reference[i][both].astype(np.float64).mean(axis=0)
         gains[i] = np.clip(target / np.maximum(own, 1.0), *bounds)
     return gains
+
+
+def apply_head_gains(images: np.ndarray, alpha: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """``images`` (N, H, W, 3) uint8 with the head's own colour scaled by ``gains`` (N, 3) and the background it
+    is composited over (the median colour where alpha < 0.01) left as it is."""
+    out = np.empty_like(images)
+    for i in range(len(images)):
+        image, a = images[i].astype(np.float32), alpha[i][..., None]
+        clear = alpha[i] < 0.01
+        background = np.median(image[clear], axis=0) if clear.any() else np.zeros(3, np.float32)
+        # rgb = a * head + (1 - a) * background: scale the head's part only.
+        head = image - (1.0 - a) * background
+        out[i] = np.clip(head * gains[i] + (1.0 - a) * background + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored: FrameSet, renders: RenderResult,
