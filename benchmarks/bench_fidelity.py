@@ -259,6 +259,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         data = dict(np.load(path))
         portrait = _portrait_image(name)
         for stage in ("fit", "final"):
+            if f"{stage}/views/rgb" not in data:  # a file of one stage's suite (renders made on the CPU)
+                continue
             row = {"portrait": name, "label": label, "stage": stage, **score_suite(data, stage, portrait, drivers)}
             rows.append(row)
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

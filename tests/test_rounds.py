@@ -230,35 +230,3 @@ def test_a_rejected_render_is_taken_from_its_mirror_view_when_that_one_reads_as_
     assert (out.rgb[1, :, :16] == 200).all() and (out.rgb[1, :, 16:] == 0).all()  # flipped into place
     np.testing.assert_array_equal(out.rgb[[0, 2, 3]], rgb[[0, 2, 3]])
     assert after["landmark_error"][1] is not None
-
-
-def test_side_gains_bring_a_mirrored_head_to_the_colour_of_the_render_it_replaces():
-    from ophav_core.pipeline.scheduler import side_gains
-
-    alpha = np.zeros((2, 16, 16), np.float32)
-    alpha[:, 4:12, 4:12] = 1.0
-    mirrored = np.full((2, 16, 16, 3), 100, np.uint8)
-    direct = np.full((2, 16, 16, 3), 255, np.uint8)  # white outside the head: must not count
-    direct[:, 4:12, 4:12] = [120, 90, 100]
-    gains = side_gains(mirrored, alpha, direct, alpha)
-    np.testing.assert_allclose(gains[0], [1.2, 0.9, 1.0], atol=1e-6)
-    far = side_gains(mirrored, alpha, direct, np.zeros_like(alpha))  # no shared head: left alone
-    np.testing.assert_array_equal(far, 1.0)
-    dark = direct.copy()
-    dark[:, 4:12, 4:12] = 10
-    assert np.allclose(side_gains(mirrored, alpha, dark, alpha), 0.7)  # bounded
-
-
-def test_head_gains_leave_the_background_alone():
-    from ophav_core.pipeline.scheduler import apply_head_gains
-
-    alpha = np.zeros((1, 8, 8), np.float32)
-    alpha[0, 2:6, 2:6] = 1.0
-    alpha[0, 2, 2] = 0.5
-    image = np.full((1, 8, 8, 3), 255, np.uint8)
-    image[0, 2:6, 2:6] = 100
-    image[0, 2, 2] = 0.5 * 100 + 0.5 * 255  # a head edge pixel, half over the white background
-    out = apply_head_gains(image, alpha, np.array([[0.5, 1.0, 1.2]], np.float32))
-    assert (out[0, 0, 0] == 255).all()  # background
-    np.testing.assert_array_equal(out[0, 4, 4], [50, 100, 120])
-    np.testing.assert_allclose(out[0, 2, 2], [0.5 * 50 + 127.5, 177.5, 0.5 * 120 + 127.5], atol=1)

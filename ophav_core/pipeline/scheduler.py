@@ -637,9 +637,10 @@ def mirror_rejected(render: Callable[[RenderRequest], RenderResult], tracker, te
                     checks: dict[str, Any], observed: np.ndarray | None = None) -> tuple[RenderResult, dict[str, Any]]:
     """The symmetry prior of a round: each render :func:`check_renders` left out is drawn again from its mirror
     view (:func:`~ophav_core.pipeline.animate.mirrored_request`) and flipped; where the run's tracker reads that
-    one as the face the view should show, it takes the render's place, in the colours of the render it replaces
-    (:func:`side_gains`). A portrait turned to one side leaves the avatar's far side unlearned, and the near side
-    it did learn is the far side's mirror image. ``checks`` gains
+    one as the face the view should show, it takes the render's place. A portrait turned to one side leaves the
+    avatar's far side unlearned, and the near side it did learn is the far side's mirror image. The mirrored
+    render keeps the other side's light: matching its mean colour to the failed render's made it grey and hazy
+    and measured worse (benchmarks/RESULTS.md, "mirror views"). ``checks`` gains
     ``mirrored`` (per render) and the replaced renders' landmark errors. ``observed``: the expressions the avatar
     was trained on, which the mirrored ones are kept near."""
     from ophav_core.pipeline.animate import flip_renders, mirrored_request
@@ -655,9 +656,7 @@ def mirror_rejected(render: Callable[[RenderRequest], RenderResult], tracker, te
         take = np.asarray(again["kept"], bool)
         use = rejected[take]
         rgb, alpha, depth = renders.rgb.copy(), renders.alpha.copy(), renders.depth.copy()
-        gains = side_gains(flipped.rgb[take], flipped.alpha[take], renders.rgb[use], renders.alpha[use])
-        rgb[use] = apply_head_gains(flipped.rgb[take], flipped.alpha[take], gains)
-        alpha[use], depth[use] = flipped.alpha[take], flipped.depth[take]
+        rgb[use], alpha[use], depth[use] = flipped.rgb[take], flipped.alpha[take], flipped.depth[take]
         renders = RenderResult(rgb=rgb, alpha=alpha, depth=depth)
         kept[use] = mirrored_flags[use] = True
         checks["face_found"] = list(checks["face_found"])
@@ -666,37 +665,6 @@ def mirror_rejected(render: Callable[[RenderRequest], RenderResult], tracker, te
             checks["face_found"][i], checks["landmark_error"][i] = True, again["landmark_error"][j]
     checks["kept"], checks["mirrored"] = kept.tolist(), mirrored_flags.tolist()
     return renders, checks
-
-
-def side_gains(images: np.ndarray, alpha: np.ndarray, reference: np.ndarray, reference_alpha: np.ndarray,
-               bounds: tuple[float, float] = (0.7, 1.4)) -> np.ndarray:
-    """(N, 3) per-channel gains that bring the head in ``images`` to the mean colour of the head in ``reference``
-    (pixels where both alphas exceed 0.5; 1 where they share under 5% of the image). A mirrored render carries
-    the light of the other side of the face, and a portrait is seldom lit evenly from both: the gains keep the
-    side's own brightness and tint, which the failed direct render still shows on average."""
-    gains = np.ones((len(images), 3), np.float32)
-    for i in range(len(images)):
-        both = (alpha[i] > 0.5) & (reference_alpha[i] > 0.5)
-        if both.mean() < 0.05:
-            continue
-        own = images[i][both].astype(np.float64).mean(axis=0)
-        target = reference[i][both].astype(np.float64).mean(axis=0)
-        gains[i] = np.clip(target / np.maximum(own, 1.0), *bounds)
-    return gains
-
-
-def apply_head_gains(images: np.ndarray, alpha: np.ndarray, gains: np.ndarray) -> np.ndarray:
-    """``images`` (N, H, W, 3) uint8 with the head's own colour scaled by ``gains`` (N, 3) and the background it
-    is composited over (the median colour where alpha < 0.01) left as it is."""
-    out = np.empty_like(images)
-    for i in range(len(images)):
-        image, a = images[i].astype(np.float32), alpha[i][..., None]
-        clear = alpha[i] < 0.01
-        background = np.median(image[clear], axis=0) if clear.any() else np.zeros(3, np.float32)
-        # rgb = a * head + (1 - a) * background: scale the head's part only.
-        head = image - (1.0 - a) * background
-        out[i] = np.clip(head * gains[i] + (1.0 - a) * background + 0.5, 0, 255).astype(np.uint8)
-    return out
 
 
 def refit_dataset(frames: FrameSet, masks: MaskSet, tracking: Tracking, restored: FrameSet, renders: RenderResult,
