@@ -44,8 +44,12 @@ from ophav_mediapipe.options import MediapipeTrackerOptions
 
 # One-Euro filter settings at smooth = 1: (min_cutoff in Hz, beta in Hz per unit/s). Units: rotation vectors in
 # radians, translations in cm, expression coefficients. A still head gets the min_cutoff (strong smoothing of
-# MediaPipe's jitter); a head turning at 1 rad/s gets a ~2.7 Hz cutoff, talking lips ~3 Hz.
-_FILTERS = {"rotation": (0.7, 2.0), "translation": (0.7, 0.2), "expression": (1.0, 0.2)}
+# MediaPipe's jitter); a head turning at 1 rad/s gets a ~2.7 Hz cutoff. Expressions follow their motion faster
+# (beta 5; it was 0.2): with 0.2 the small, quick mouth movements of a nodding, talking driver were smoothed
+# away (the tracked mouth opening's correlation with dlib's reading of the same frames of nod_175f: 0.75 with
+# 0.2, 0.90 with 5, 0.91 unsmoothed), for 0.16 instead of 0.06 px a frame of jitter on a still, noisy portrait
+# (benchmarks/RESULTS.md, "mouth-opening correlation").
+_FILTERS = {"rotation": (0.7, 2.0), "translation": (0.7, 0.2), "expression": (1.0, 5.0)}
 
 
 @dataclass
