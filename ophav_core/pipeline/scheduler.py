@@ -640,9 +640,10 @@ def mirror_rejected(render: Callable[[RenderRequest], RenderResult], tracker, te
     one as the face the view should show, it takes the render's place. A portrait turned to one side leaves the
     avatar's far side unlearned, and the near side it did learn is the far side's mirror image. The mirrored
     render keeps the other side's light: matching its mean colour to the failed render's made it grey and hazy
-    and measured worse (benchmarks/RESULTS.md, "mirror views"). ``checks`` gains
-    ``mirrored`` (per render) and the replaced renders' landmark errors. ``observed``: the expressions the avatar
-    was trained on, which the mirrored ones are kept near."""
+    and measured worse (benchmarks/RESULTS.md, fifth session, "drawn from its mirror view").
+
+    ``checks`` gains ``mirrored`` (per render) and the replaced renders' landmark errors. ``observed``: the
+    expressions the avatar was trained on, which the mirrored ones are kept near."""
     from ophav_core.pipeline.animate import flip_renders, mirrored_request
 
     checks = dict(checks)
