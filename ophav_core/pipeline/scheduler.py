@@ -509,7 +509,7 @@ class Scheduler:
         request_rel, tracking_rel, checks_rel = f"{folder}/request.npz", f"{folder}/tracking.npz", f"{folder}/checks.json"
         profile = self.resolved.profile
 
-        def render() -> tuple[RenderResult, Tracking, np.ndarray]:
+        def render() -> tuple[RenderResult, Tracking, dict[str, Any]]:
             from ophav_core.pipeline.animate import tracking_for_request, widening_views
             from ophav_core.stages.base import hash_str
 
@@ -530,15 +530,16 @@ class Scheduler:
             views.save(self.root / tracking_rel)
             result.save(self.root / renders_rel)
             write_json(self.root / checks_rel, checks)
-            return result, views, np.asarray(checks["kept"], bool)
+            return result, views, checks
 
-        def load_render() -> tuple[RenderResult, Tracking, np.ndarray]:
-            checks = json.loads((self.root / checks_rel).read_text())
+        def load_render() -> tuple[RenderResult, Tracking, dict[str, Any]]:
             return (RenderResult.load(self.root / renders_rel), Tracking.load(self.root / tracking_rel),
-                    np.asarray(checks["kept"], bool))
+                    json.loads((self.root / checks_rel).read_text()))
 
-        renders, views, kept = self._step(manifest, f"render{r}", [renders_rel, request_rel, tracking_rel, checks_rel],
-                                          render, load_render)
+        renders, views, checks = self._step(manifest, f"render{r}",
+                                            [renders_rel, request_rel, tracking_rel, checks_rel], render, load_render)
+        kept = np.asarray(checks["kept"], bool)
+        mirrored = checks.get("mirrored") or [False] * len(kept)  # absent in runs made without mirror views
         self.log(f"round {r}: {int(kept.sum())} of {len(kept)} renders still read as the face they show (the rest "
                  f"are left out of the refit; {checks_rel})")
 
@@ -554,7 +555,6 @@ class Scheduler:
             restored.save(self.root / restored_rel)
             index = pick_evenly(len(images), 6)
             tiles = [im for i in index for im in (renders.rgb[i], images[i])]
-            mirrored = json.loads((self.root / checks_rel).read_text()).get("mirrored") or [False] * len(kept)
             note = lambda i: " (mirrored)" if mirrored[i] else ("" if kept[i] else " (left out)")  # noqa: E731
             labels = [t for i in index for t in (f"render #{i}{note(i)}", f"restored #{i}")]
             save_png(self.root / f"{folder}/contact.png", contact_sheet(tiles, columns=4, labels=labels))
