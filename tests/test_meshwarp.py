@@ -301,3 +301,16 @@ def test_a_strongly_turned_cheek_is_filled_with_skin_not_black():
     dark = (frame[ids >= 0].max(axis=-1) < 45).mean()
     # The baby's face is light skin; before the multi-scale continuation 2.8% of it was a black crescent.
     assert dark < 0.01, f"{dark:.1%} of the turned face is near black"
+
+
+def test_frames_drawn_by_several_threads_equal_one_threads(meshwarp, astronaut):
+    from ophav_meshwarp.parallel import draw_frames, worker_count
+
+    source, _ = meshwarp.prepare(astronaut)
+    rotations = _motion({}, {"yaw": 20.0}, {"pitch": -10.0}, {"yaw": -35.0}, {"roll": 8.0}).rotations()
+    offsets = [None] * len(rotations)
+    one = [frame for frame, _ in draw_frames(source, rotations.astype(np.float64), offsets, 1)]
+    several = [frame for frame, _ in draw_frames(source, rotations.astype(np.float64), offsets, 3)]
+    assert all(np.array_equal(a, b) for a, b in zip(one, several)) and len(several) == len(rotations)
+    assert not np.array_equal(one[0], one[1])
+    assert worker_count(4, None) <= 4 and worker_count(100, 2) == 2 and worker_count(1, None) == 1

@@ -175,3 +175,24 @@ def test_the_built_in_script_is_part_of_the_coarse_videos_key(monkeypatch):
     monkeypatch.setattr(motion, "default_script", lambda: older)
     after = step_keys(resolved, portrait, "cpu")
     assert after["portrait"] == before["portrait"] and after["image2video"] != before["image2video"]
+
+
+def test_worker_counts_do_not_change_what_a_step_computes():
+    """Options declared as not affecting the result (worker counts) are left out of the step keys, so changing
+    them reuses every finished step up to the export; any other option change makes a new key."""
+    from ophav_core.config import RunConfig, resolve
+    from ophav_core.pipeline.scheduler import step_keys
+    from ophav_core.plugins import get_host
+
+    portrait = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
+    registry = get_host().registry
+
+    def keys(**options):  # the export's key holds the whole config it writes into the avatar's description
+        keys = step_keys(resolve(RunConfig(**options), registry), portrait, "cpu")
+        return {step: key for step, key in keys.items() if step != "export"}
+
+    base = keys()
+    assert keys(image2video={"name": "meshwarp", "options": {"workers": 3}}) == base
+    assert keys(restorer={"name": "reference", "options": {"workers": 2}}) == base
+    changed = keys(image2video={"name": "meshwarp", "options": {"crop_scale": 2.0}})
+    assert changed["portrait"] == base["portrait"] and changed["image2video"] != base["image2video"]

@@ -108,7 +108,7 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
     def stage(name: str) -> dict[str, Any]:
         chosen = resolved.stages[name]
         return {"name": chosen.spec.name, "package": chosen.spec.package, "version": chosen.spec.version,
-                "options": chosen.options.model_dump(mode="json")}
+                "options": chosen.options.model_dump(mode="json", exclude=result_neutral_options(chosen.options))}
 
     adds: dict[str, Any] = {
         "portrait": {"portrait": sha256_of(portrait_path), "profile": resolved.profile.model_dump(mode="json"),
@@ -128,6 +128,14 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         text = json.dumps({"after": previous, "step": name, "adds": adds.get(name, {})}, sort_keys=True, default=str)
         previous = keys[name] = hashlib.sha256(text.encode()).hexdigest()[:24]
     return keys
+
+
+def result_neutral_options(options) -> set[str]:
+    """Options that change how a step runs but not what it computes (worker counts: a field declared with
+    ``json_schema_extra={"affects_result": False}``): left out of the step keys, so changing them reuses a result."""
+    fields = type(options).model_fields
+    return {name for name, f in fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("affects_result") is False}
 
 
 def _drawn_on(resolved: ResolvedConfig, name: str, stage) -> dict[str, Any]:

@@ -41,11 +41,13 @@ class MeshWarp(Image2Video):
         frames = np.empty((n, size, size, 3), np.uint8)
         mouth, eyes, unseen = np.zeros(n, np.float32), np.zeros((n, 2), np.float32), np.zeros(n, np.float32)
         vertices = np.empty((n,) + tracking.canonical_vertices.shape, np.float32)
-        from ophav_meshwarp.warper import render_frame
+        from ophav_meshwarp.parallel import draw_frames, worker_count
 
+        workers = worker_count(n, self.options.workers)
+        frame_offsets = [offsets(i) for i in range(n)]
         with self.context.progress(n, "meshwarp") as bar:
-            for i in range(n):
-                frames[i], info = render_frame(source, rotations[i], offsets(i))
+            for i, (frame, info) in enumerate(draw_frames(source, rotations, frame_offsets, workers)):
+                frames[i] = frame
                 mouth[i], eyes[i], unseen[i] = info.mouth_fill, info.eye_fill, info.unseen_fraction
                 vertices[i] = info.vertices
                 bar.advance(1)

@@ -34,6 +34,6 @@ class ReferenceOptions(BaseModel):
                                                     "(2-6 px band) do not line up with the render's (local "
                                                     "correlation), so a residual tracking error gives no double "
                                                     "edges")
-    workers: int | None = Field(None, ge=1, le=64,
+    workers: int | None = Field(None, ge=1, le=64, json_schema_extra={"affects_result": False},
                                 description="threads restoring images in parallel; None = the number of CPU cores "
                                             "(at most 8)")
