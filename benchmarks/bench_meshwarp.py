@@ -17,7 +17,7 @@ For skimage's astronaut and every portrait in ../shared/data/portraits (when pre
 * writes ``<name>_sheet.png`` (12 frames) and ``<name>.mp4`` per portrait, and ``<name>_talk.mp4`` (driver |
   output) into ``--out``.
 
-Speed: frames per second of the per-frame warp at 256 and 512, by one thread and by the default count, 1.5 per core (CPU;
+Speed: frames per second of the per-frame warp at 256 and 512, by one thread and by several (``--threads``; CPU;
 meshwarp is numpy + OpenCV and has no GPU path; ``--speed-only``), and the one-off preparation (two trackings of the portrait and its head matte).
 """
 from __future__ import annotations
@@ -93,12 +93,12 @@ def mouth_opening(tracking) -> np.ndarray:
     return np.linalg.norm(local[:, 13] - local[:, 14], axis=1) / width
 
 
-def speed(image: np.ndarray, frames: int) -> list[tuple[str, int, float, float]]:
+def speed(image: np.ndarray, frames: int, threads: list[int] | None = None) -> list[tuple[str, int, float, float]]:
     """(size, threads, preparation s, s per frame) of the per-frame warp at 256 and 512, drawn by one thread and
-    by the component's default count; the frames must come out identical."""
+    by each of ``threads`` (default 3); the frames must come out identical."""
     from ophav_core.stages.motion import default_script, motion_from_script
     from ophav_core.stages import Portrait
-    from ophav_meshwarp.parallel import draw_frames, worker_count
+    from ophav_meshwarp.parallel import draw_frames
 
     rows = []
     motion = motion_from_script(default_script(), fps=25, duration=frames / 25)
@@ -112,11 +112,11 @@ def speed(image: np.ndarray, frames: int) -> list[tuple[str, int, float, float]]
         per_frame_offsets = [offsets(i) for i in range(len(motion))]
         next(draw_frames(source, rotations[:1], per_frame_offsets[:1], 1))  # warm-up
         drawn = {}
-        for workers in sorted({1, worker_count(len(motion), None)}):
+        for workers in sorted({1, *(threads or [3])}):
             start = time.perf_counter()
             drawn[workers] = np.stack([f for f, _ in draw_frames(source, rotations, per_frame_offsets, workers)])
             rows.append((f"{size}x{size}", workers, prepare, (time.perf_counter() - start) / len(motion)))
-        if len(drawn) > 1 and not np.array_equal(drawn[1], drawn[max(drawn)]):
+        if any(not np.array_equal(drawn[1], d) for d in drawn.values()):
             raise SystemExit("frames drawn by several threads differ from the frames drawn by one")
     return rows
 
@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--speed-frames", type=int, default=200, help="frames of the speed table")
     parser.add_argument("--speed-only", action="store_true", help="the speed table alone")
+    parser.add_argument("--threads", type=int, nargs="*", help="thread counts of the speed table besides 1 "
+                        "(default 3)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*more than one face.*")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +195,7 @@ def main() -> None:
     if not (args.quick or args.no_speed):
         print(f"\nspeed (CPU; numpy + OpenCV, no GPU path), {args.speed_frames} frames")
         print(f"{'size':>9} | {'threads':>9} | {'prepare s':>9} | {'ms/frame':>8} | {'frames/s':>8}")
-        for size, workers, prepare, per_frame in speed(people[0][1], args.speed_frames):
+        for size, workers, prepare, per_frame in speed(people[0][1], args.speed_frames, args.threads):
             print(f"{size:>9} | {workers:9d} | {prepare:9.2f} | {per_frame * 1e3:8.1f} | {1 / per_frame:8.1f}")
     if args.speed_only:
         return

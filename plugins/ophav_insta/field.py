@@ -294,7 +294,7 @@ def build_trainer(options: InstaOptions, frames: FrameSet, masks: MaskSet, track
         deformer.set_backend(opt.deform_backend)
     except RuntimeError as exc:
         raise UsageError(f"insta: {exc}") from None
-    scene = Scene.build(frames, masks, tracking, geometry, device)
+    scene = Scene.build(frames, masks, tracking, geometry, device, with_depth=opt.lambda_depth > 0)
     trainer = Trainer(opt, config, geometry, deformer, scene, device, seed, backend, iterations, field_state,
                       occupancy_state, dilation)
     # The expressions the colour network has seen: a continued training keeps the first fit's range (the coarse

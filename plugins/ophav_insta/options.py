@@ -55,6 +55,12 @@ class InstaOptions(BaseModel):
     huber_delta: float = Field(0.1, gt=0, description="Huber photometric loss threshold (colours in [0, 1])")
     lambda_alpha: float = Field(0.3, ge=0, description="weight of the alpha loss against the segmentation masks")
     lambda_distortion: float = Field(1e-3, ge=0, description="weight of the mip-NeRF 360 distortion loss")
+    lambda_depth: float = Field(1.0, ge=0, description="weight of the mesh-depth loss: where the tracked face mesh "
+                                "is seen, the ray's compositing weight farther than depth_tolerance from the "
+                                "mesh's depth is penalised (the face becomes a surface, consistent between views)")
+    depth_tolerance: float = Field(0.02, ge=0, description="distance from the mesh's depth, as a fraction of the "
+                                   "head cube's side, within which the mesh-depth loss does not act (plus one "
+                                   "sample spacing)")
     lambda_entropy: float = Field(1e-4, ge=0, description="weight of the binary entropy of the ray opacity")
     background: Literal["white", "black"] = Field("white", description="fixed colour the head is composited over "
                                                   "(training targets and renders)")
