@@ -97,7 +97,9 @@ class Scene:
 def mesh_depth_maps(tracking: Tracking, size: tuple[int, int], erode: int = 1) -> np.ndarray:
     """(N, H, W) float32 camera depth of each frame's tracked mesh where it is seen (front-facing, nearest
     triangle), 0 elsewhere; ``erode`` pixels are taken off its outline, where a pixel is part mesh, part hair or
-    background."""
+    background. MediaPipe's mesh has triangles across the mouth opening, so an open mouth's interior is pulled
+    onto the lips' surface: that is how the loss was measured (RESULTS.md, sixth session); leaving those
+    triangles out is untested."""
     import cv2
 
     from ophav_core.media.raster import rasterise
