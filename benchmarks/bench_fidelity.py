@@ -15,7 +15,10 @@ What is rendered for each avatar (its round-0 fit and its final avatar), at the 
   relative motion as ``ophav render --driver``;
 * ``extreme``: benchmarks/extreme_expressions.yaml (full intensities combined), coefficients scaled by 1.5.
 
-The driver frames are saved once (``drivers.npz``) for the mouth-opening correlation.
+The driver frames are saved once (``drivers.npz``) for the mouth-opening correlation. Each avatar's renders are
+``fid_<label>_<portrait>.npz`` (the views) plus a ``fidpart_*`` file per other stage/suite beside it (a device
+call returns at most 8 files of 16 MiB; bring one portrait's standard-profile suite back per call), which
+``score`` and ``sheet`` merge: pass them the ``fid_*`` files.
 """
 from __future__ import annotations
 
@@ -121,7 +124,7 @@ def cmd_render(args: argparse.Namespace) -> None:
             suite = render_suite(run_dir / rel, drivers, Path(args.work) / ".render", args.device, size)
             arrays.update({f"{stage}/{k}": v for k, v in suite.items()})
         arrays["yaw"], arrays["pitch"] = view_grid()
-        np.savez_compressed(out / f"fid_{args.label}_{name}.npz", **arrays)
+        save_suite(out / f"fid_{args.label}_{name}.npz", arrays)
         print(f"{name}: run {timings[name]['run_seconds']} s, renders -> fid_{args.label}_{name}.npz", flush=True)
     (out / f"timings_{args.label}.json").write_text(json.dumps(timings, indent=1))
 
@@ -180,6 +183,32 @@ def detached_alpha(alpha: np.ndarray, level: float = 0.05) -> np.ndarray:
         head = cv2.dilate(head, np.ones((7, 7), np.uint8)).astype(bool)
         out.append(float(((a > level) & ~head).mean()))
     return np.array(out)
+
+
+def save_suite(path: Path, arrays: dict[str, np.ndarray]) -> list[Path]:
+    """The suite as ``path`` (the views, yaw and pitch) plus one ``fidpart_<stage>-<suite>_...npz`` beside it per
+    other stage/suite: a device call returns files of at most 16 MiB, and one standard-profile suite at 256 came
+    to 38 MB. :func:`load_suite` reads them back as one."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        parts = key.split("/")
+        group = "" if len(parts) < 3 or parts[1] == "views" else f"{parts[0]}-{parts[1]}"
+        groups.setdefault(group, {})[key] = value
+    written = []
+    for group, items in groups.items():
+        target = path if not group else path.with_name(f"fidpart_{group}_{path.name[len('fid_'):]}")
+        np.savez_compressed(target, **items)
+        written.append(target)
+    return written
+
+
+def load_suite(path: Path) -> dict[str, np.ndarray]:
+    """A suite written by :func:`save_suite` (or as one file, as before), merged."""
+    path = Path(path)
+    data = dict(np.load(path))
+    for part in sorted(path.parent.glob(f"fidpart_*_{path.name[len('fid_'):]}")):
+        data.update(np.load(part))
+    return data
 
 
 def _portrait_image(name: str) -> np.ndarray:
@@ -256,7 +285,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         label, name = path.stem.split("_", 2)[1:]
         drivers_file = path.parent / "drivers.npz"
         drivers = dict(np.load(drivers_file)) if drivers_file.is_file() else {}
-        data = dict(np.load(path))
+        data = load_suite(path)
         portrait = _portrait_image(name)
         for stage in ("fit", "final"):
             if f"{stage}/views/rgb" not in data:  # a file of one stage's suite (renders made on the CPU)
@@ -288,7 +317,7 @@ def cmd_sheet(args: argparse.Namespace) -> None:
         for f in files:
             if f.stem.split("_", 2)[2] != name:
                 continue
-            data = np.load(f)
+            data = load_suite(f)
             label = f.stem.split("_", 2)[1]
             views = data[f"{args.stage}/views/rgb"][: len(YAWS)]
             driven = [data[f"{args.stage}/{suite}/rgb"][np.linspace(0, len(data[f"{args.stage}/{suite}/rgb"]) - 1,

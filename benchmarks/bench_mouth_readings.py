@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n| suite | avatar | nod renders vs dlib's driver reading | vs the tracker's |")
         print("|---|---|---:|---:|")
     for file in args.suites:
-        data = np.load(file)
+        data = bf.load_suite(Path(file))
         for stage in ("fit", "final"):
             if f"{stage}/nod/rgb" not in data:
                 continue
