@@ -361,7 +361,8 @@ class Trainer:
     @torch.no_grad()
     def off_mesh_weight(self, batches: int = 4) -> float:
         """Share of the compositing weight of rays the tracked mesh covers that lies farther than the depth
-        tolerance from the mesh's depth, over ``batches`` fresh batches (the current weights; a diagnostic)."""
+        tolerance from the mesh's depth, over ``batches`` fresh batches (the current weights; a diagnostic for
+        tests and benchmarks: it draws from the training's random generator)."""
         if self.scene.depth is None:
             raise ValueError("the scene has no mesh depth maps (lambda_depth is 0)")
         opt, side = self.options, self.geometry.cube_side
