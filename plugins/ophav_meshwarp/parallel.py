@@ -1,7 +1,7 @@
 """Coarse frames are independent: several can be drawn at once (option ``workers``), by threads.
 
 Measured with ``benchmarks/bench_meshwarp.py --speed-only`` (200 frames of the built-in script; RESULTS.md):
-on the 2-core machine at 512x512 one thread drew 17.9 frames/s and three 26.1; on the GPU machine's 16 cores one
+on the 2-core machine at 512x512 one thread drew 25.9 frames/s and three 32.9; on the GPU machine's 16 cores one
 drew 29.7 and 2-16 threads 24-25, since OpenCV already spreads one frame's remaps over the cores and threads then
 fight over the GIL. So the default is one thread, and ``workers`` is for small machines drawing large frames.
 
