@@ -337,12 +337,7 @@ class Trainer:
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, photometric MSE) of one batch, with gradients (no host sync on CUDA)."""
         opt = self.options
-        head = HeadField(self.field, self.deformer, self.cube_min, self.geometry.cube_side, batch.frames,
-                         self._decode)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            sigma_delta, colours, t, evaluated, occupied = march_train_samples(
-                head, self.occupancy, batch.rays, opt.samples_per_ray, self.geometry.cube_side, self.generator,
-                self.capacity)
+        sigma_delta, colours, t, evaluated, occupied = self._march(batch)
         with phase("compositing + loss"):
             side = self.geometry.cube_side
             loss, mse = self._loss_fn(sigma_delta, colours, t, batch.target, batch.alpha, self.background,
@@ -351,6 +346,14 @@ class Trainer:
             self._count(evaluated, occupied)
         self.rays_traced += len(batch.rays)
         return loss, mse
+
+    def _march(self, batch: Batch):
+        """The batch's samples through the field (optical thicknesses, colours, depths, evaluated, occupied)."""
+        head = HeadField(self.field, self.deformer, self.cube_min, self.geometry.cube_side, batch.frames,
+                         self._decode)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return march_train_samples(head, self.occupancy, batch.rays, self.options.samples_per_ray,
+                                       self.geometry.cube_side, self.generator, self.capacity)
 
     def depth_tolerance(self, rays: Rays) -> torch.Tensor:
         """(R,) the mesh-depth loss's tolerance per ray: ``depth_tolerance`` of the head cube plus one sample
@@ -365,14 +368,10 @@ class Trainer:
         tests and benchmarks: it draws from the training's random generator)."""
         if self.scene.depth is None:
             raise ValueError("the scene has no mesh depth maps (lambda_depth is 0)")
-        opt, side = self.options, self.geometry.cube_side
         off = total = 0.0
         for _ in range(batches):
             batch = self.sample_batch()
-            head = HeadField(self.field, self.deformer, self.cube_min, side, batch.frames, self._decode)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                sigma_delta, colours, t, _, _ = march_train_samples(
-                    head, self.occupancy, batch.rays, opt.samples_per_ray, side, self.generator, self.capacity)
+            sigma_delta, colours, t, _, _ = self._march(batch)
             weights = composite(sigma_delta.float(), colours.float(), t.float())[0]
             seen = batch.mesh_depth > 0
             far = (t.float() - batch.mesh_depth[:, None]).abs() > self.depth_tolerance(batch.rays)[:, None]
