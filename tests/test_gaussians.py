@@ -154,6 +154,80 @@ def test_shell_gaussians_ignore_the_expression():
     assert torch.equal(a[5:], b[5:]) and not torch.allclose(a[:5], b[:5])
 
 
+def fused_place_agreement(device: str) -> dict:
+    """Worst differences of the fused placement + SH kernel from ``place`` + ``sh_colours`` on a randomly turned
+    and bent ellipsoid (every quaternion branch taken), 300 triangle and 40 shell Gaussians, two cameras, each
+    SH degree: means, quats (as rotations: a quaternion's sign is free) and scales max abs; colours max abs."""
+    from ophav_core.stages.motion import euler_to_matrix
+    from ophav_gaussians.anchors import matrix_to_quat, quat_to_matrix, sh_colours, triangle_frames
+    from ophav_gaussians.place_kernel import place_and_shade
+
+    rng = np.random.default_rng(5)
+    verts, faces = ellipsoid_mesh()
+    R = euler_to_matrix(np.array([35.0]), np.array([-50.0]), np.array([20.0]))[0]
+    verts = (verts @ R.T + 0.1 * rng.normal(size=verts.shape)).astype(np.float32)
+    g = _random_gaussians(len(faces), 300, rng, shell=40)
+    g.sh = torch.as_tensor(rng.normal(size=(len(g), 16, 3)).astype(np.float32)) * 0.3
+    g = g.to(device)
+    mesh, faces_t = torch.as_tensor(verts, device=device), torch.as_tensor(faces.astype(np.int64), device=device)
+    centres = torch.tensor([[0.0, 0.0, -6.0], [3.0, -1.0, -5.0]], device=device)
+    frames = triangle_frames(mesh, faces_t)[0]
+    m = frames
+    cands = torch.stack([1 + m[:, 0, 0] + m[:, 1, 1] + m[:, 2, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2],
+                         1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], 1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1)
+    branches = int(torch.unique(cands[g.parent[g.parent >= 0]].argmax(-1)).numel())
+    assert torch.allclose(quat_to_matrix(matrix_to_quat(frames)), frames, atol=1e-5)
+    means, quats, scales = g.place(mesh, faces_t, 0.7)
+    found = {"branches": branches, "means": 0.0, "quats": 0.0, "scales": 0.0, "colours": 0.0}
+    for degree in range(4):
+        fm, fq, fs, fc = place_and_shade(mesh, faces_t, g.parent, g.bary, g.anchor, g.offset, g.rotation,
+                                         g.log_scale, g.sh, 0.7, centres, degree)
+        colours = sh_colours(g.sh, means, centres, degree)
+        found["means"] = max(found["means"], float((fm - means).abs().max()))
+        found["quats"] = max(found["quats"], float((quat_to_matrix(fq) - quat_to_matrix(quats)).abs().max()),
+                             float((fq.norm(dim=-1) - quats.norm(dim=-1)).abs().max()))
+        found["scales"] = max(found["scales"], float(((fs - scales) / scales).abs().max()))
+        found["colours"] = max(found["colours"], float((fc - colours).abs().max()))
+    return found
+
+
+FUSED_PLACE_CHECK = """
+import sys
+sys.path[:0] = [{tests!r}, {plugins!r}]
+from test_gaussians import fused_place_agreement
+print(fused_place_agreement("cpu"))
+"""
+
+
+def test_fused_placement_and_colour_match_the_torch_ops_in_the_interpreter():
+    """The render path's one-launch placement + SH colour (triton, no gradients) against the PyTorch functions
+    training uses, float32 bounds: positions and rotations 1e-5 (unit-sized), scales 1e-5 relative, colours 1e-5."""
+    pytest.importorskip("triton")
+    import ast
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    script = FUSED_PLACE_CHECK.format(tests=str(tests), plugins=str(tests.parent / "plugins"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert found["branches"] == 4, found
+    assert found["means"] <= 1e-5 and found["quats"] <= 1e-5 and found["scales"] <= 1e-5, found
+    assert found["colours"] <= 1e-5, found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_placement_and_colour_match_the_torch_ops():
+    """Compiled on CUDA: 1e-4 bounds (FMA contraction and the GPU's sqrt/exp differ from the CPU's)."""
+    pytest.importorskip("triton")
+    found = fused_place_agreement("cuda")
+    assert found["branches"] == 4, found
+    assert max(found["means"], found["quats"], found["scales"], found["colours"]) <= 1e-4, found
+
+
 def test_the_shell_is_seeded_on_the_masks_hull_outside_the_face(head):
     from ophav_gaussians.model import carve_shell
     from ophav_gaussians.train import unposed_vertices

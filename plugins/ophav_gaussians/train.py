@@ -63,14 +63,26 @@ def camera_centres(rotation: torch.Tensor, translation: torch.Tensor) -> torch.T
     return -torch.einsum("bji,bj->bi", rotation, translation)
 
 
+def _needs_grad(g: Gaussians, mesh: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (mesh.requires_grad or any(t.requires_grad for t in g.tensors().values()))
+
+
 def render_views(g: Gaussians, opacity: torch.Tensor, faces: torch.Tensor, shell_unit: float, mesh: torch.Tensor,
                  rotation: torch.Tensor, translation: torch.Tensor, Ks: torch.Tensor, size: tuple[int, int],
                  background: torch.Tensor, degree: int, backend: str) -> dict:
     """Rasterise the Gaussians on one head-space mesh (V, 3) from B views (head poses (B, 3, 3), (B, 3),
     intrinsics (B, 3, 3)): the rasteriser's dict (image (B, H, W, 3) over ``background``, alpha, depth (camera z,
-    0 where empty), radii, means2d)."""
-    means, quats, scales = g.place(mesh, faces, shell_unit)
-    colours = sh_colours(g.sh, means, camera_centres(rotation, translation), degree)
+    0 where empty), radii, means2d). Without gradients the triton backend places and shades the Gaussians in one
+    launch (:mod:`ophav_gaussians.place_kernel`)."""
+    centres = camera_centres(rotation, translation)
+    if backend == "triton" and not _needs_grad(g, mesh):
+        from ophav_gaussians.place_kernel import place_and_shade
+
+        means, quats, scales, colours = place_and_shade(mesh, faces, g.parent, g.bary, g.anchor, g.offset,
+                                                        g.rotation, g.log_scale, g.sh, shell_unit, centres, degree)
+    else:
+        means, quats, scales = g.place(mesh, faces, shell_unit)
+        colours = sh_colours(g.sh, means, centres, degree)
     width, height = size
     # ophav's pixel centres are at integer coordinates, the rasteriser's at +0.5: shift the principal point.
     Ks = Ks.clone()
