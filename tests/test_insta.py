@@ -861,12 +861,19 @@ def test_mesh_depth_maps_hold_the_nearest_surface_of_the_tracked_mesh(head):
     from ophav_insta.train import mesh_depth_maps
 
     tracking, frames, _ = head
-    depth = mesh_depth_maps(tracking, frames.size, erode=0)
-    eroded = mesh_depth_maps(tracking, frames.size, erode=1)
+    depth = mesh_depth_maps(tracking, frames.size, erode=0, chunk=3).numpy()  # chunks of frames: 3 + 3 + 2
+    eroded = mesh_depth_maps(tracking, frames.size, erode=1).numpy()
     for i in range(len(tracking)):
         vertices = tracking.vertices[i]
         raster = rasterise(tracking.project(vertices), vertices[:, 2], tracking.faces, depth.shape[1:])
+        # The batched PyTorch rasterisation is the numpy rasteriser's, pixel for pixel.
         assert np.array_equal(depth[i] > 0, raster.ids >= 0)
+        np.testing.assert_allclose(depth[i][raster.ys, raster.xs], raster.interpolate(vertices[:, 2]), rtol=1e-6)
+        # Eroded by one pixel exactly as cv2.erode does it (the image border does not erode).
+        import cv2
+
+        expected = cv2.erode((raster.ids >= 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        assert np.array_equal(eroded[i] > 0, expected)
         assert (eroded[i] > 0).sum() < (depth[i] > 0).sum() and not ((eroded[i] > 0) & (depth[i] == 0)).any()
         # Each covered pixel's depth lies within its triangle's vertex depths (interpolation, not extrapolation).
         z = vertices[:, 2][tracking.faces[raster.ids[raster.ys, raster.xs]]]
