@@ -58,7 +58,8 @@ def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, devi
     from ophav_core.pipeline import animate
     from ophav_core.stages.motion import Motion, load_motion_script
 
-    meta = api.avatar_description(avatar_path)
+    # A round's or the fit's checkpoint has no avatar.json of its own: the run's final one names the components.
+    meta = api.avatar_description(avatar_path) or api.avatar_description(avatar_path.parent.parent / "avatar" / "avatar.ckpt")
     context = api.context(work, "standard", device, quiet=True)
     field, _ = api.create("field", meta.get("field", "insta"), context)
     tracker, _ = api.create("tracker", meta.get("tracker", "mediapipe"), context)

@@ -154,6 +154,55 @@ def test_shell_gaussians_ignore_the_expression():
     assert torch.equal(a[5:], b[5:]) and not torch.allclose(a[:5], b[:5])
 
 
+def test_packed_placement_is_place_with_the_same_gradients():
+    """Training's placement from each frame's triangles packed once equals ``place``, values and gradients."""
+    from ophav_gaussians.anchors import place, place_packed, quat_multiply, quat_product_matrix, triangle_pack
+
+    rng = np.random.default_rng(4)
+    verts, faces = ellipsoid_mesh()
+    meshes = torch.as_tensor(np.stack([verts, verts * 1.1 + 0.3 * np.sin(verts)]).astype(np.float32))
+    faces_t = torch.as_tensor(faces.astype(np.int64))
+    q, r = torch.randn(5, 4), torch.randn(5, 4)
+    assert torch.allclose((quat_product_matrix(q) @ r[..., None])[..., 0], quat_multiply(q, r), atol=1e-6)
+    packs = triangle_pack(meshes, faces_t, 0.7)
+    assert packs.shape == (2, len(faces) + 1, 35)
+    g = _random_gaussians(len(faces), 60, rng, shell=12)
+    for i in range(2):
+        results = []
+        for packed in (False, True):
+            learnt = [t.clone().requires_grad_() for t in (g.offset, g.rotation, g.log_scale)]
+            args = (g.parent, g.bary, g.anchor, *learnt)
+            out = place_packed(packs[i], *args) if packed else place(meshes[i], faces_t, *args, 0.7)
+            sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in out).backward()
+            results.append((out, [t.grad for t in learnt]))
+        (ref, ref_grads), (got, got_grads) = results
+        for a, b in zip(ref + tuple(ref_grads), got + tuple(got_grads)):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_ssim_blurs_the_five_maps_at_once_as_one_at_a_time():
+    import torch.nn.functional as F
+
+    from ophav_gaussians.train import _gaussian_window, ssim
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(20, 24, 3, generator=gen), torch.rand(20, 24, 3, generator=gen)
+    b = 0.7 * a + 0.3 * b
+    w = _gaussian_window()
+    kx, ky = w.view(1, 1, 1, -1).repeat(3, 1, 1, 1), w.view(1, 1, -1, 1).repeat(3, 1, 1, 1)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(F.pad(t, (5, 5, 5, 5), mode="replicate"), kx, groups=3), ky, groups=3)
+
+    x, y = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
+    mx, my = blur(x), blur(y)
+    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    expected = (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))).mean()
+    assert float(ssim(a, b)) == pytest.approx(float(expected), abs=1e-6)
+    assert float(ssim(a, a)) == pytest.approx(1.0, abs=1e-5) and float(ssim(a, b)) < 0.99
+
+
 def fused_place_agreement(device: str) -> dict:
     """Worst differences of the fused placement + SH kernel from ``place`` + ``sh_colours`` on a randomly turned
     and bent ellipsoid (every quaternion branch taken), 300 triangle and 40 shell Gaussians, two cameras, each

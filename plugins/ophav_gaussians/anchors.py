@@ -104,6 +104,48 @@ def place(vertices: torch.Tensor, faces: torch.Tensor, parent: torch.Tensor, bar
     return means, quats, scales
 
 
+PACK = 35  # per triangle: frame (9, row-major), size (1), quaternion product matrix (16), corners (9)
+
+
+def quat_product_matrix(q: torch.Tensor) -> torch.Tensor:
+    """(..., 4, 4) ``L(q)`` with ``L(q) @ r == quat_multiply(q, r)``: the left product as a matrix."""
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([w, -x, -y, -z, x, w, -z, y, y, z, w, -x, z, -y, x, w], -1).reshape(q.shape[:-1] + (4, 4))
+
+
+@torch.no_grad()
+def triangle_pack(vertices: torch.Tensor, faces: torch.Tensor, shell_unit: float) -> torch.Tensor:
+    """(..., F + 1, PACK) what :func:`place` needs of each triangle of the meshes ``vertices`` (..., V, 3), the
+    last row the shell's (the head's axes, ``shell_unit``, no corners). Training renders the same frames' meshes
+    over and over: packed once, placing the Gaussians is a gather and three small products per step
+    (:func:`place_packed`) instead of ~100 ops on every triangle."""
+    frame, size = triangle_frames(vertices, faces)
+    product = quat_product_matrix(matrix_to_quat(frame))
+    corners = vertices[..., faces, :]  # (..., F, 3, 3) rows v0, v1, v2
+    lead = frame.shape[:-2]
+    rows = torch.cat([frame.reshape(lead + (9,)), size[..., None], product.reshape(lead + (16,)),
+                      corners.reshape(lead + (9,))], -1)
+    shell = torch.cat([torch.eye(3).reshape(9), torch.tensor([float(shell_unit)]), torch.eye(4).reshape(16),
+                       torch.zeros(9)]).to(rows)
+    return torch.cat([rows, shell.expand(lead[:-1] + (1, PACK))], -2)
+
+
+def place_packed(pack: torch.Tensor, parent: torch.Tensor, bary: torch.Tensor, anchor: torch.Tensor,
+                 offset: torch.Tensor, rotation: torch.Tensor, log_scale: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`place` from one mesh's :func:`triangle_pack` (F + 1, PACK): the same means, quaternions and scales,
+    differentiable in ``offset``, ``rotation`` and ``log_scale``."""
+    on_mesh = parent >= 0
+    rows = pack[torch.where(on_mesh, parent, pack.shape[0] - 1)]
+    n = rows.shape[0]
+    frame, size = rows[:, :9].reshape(n, 3, 3), rows[:, 9:10]
+    product, corners = rows[:, 10:26].reshape(n, 4, 4), rows[:, 26:].reshape(n, 3, 3)
+    origin = torch.where(on_mesh[:, None], (bary[:, None, :] @ corners)[:, 0], anchor)
+    means = origin + size * (frame @ offset[:, :, None])[..., 0]
+    quats = (product @ rotation[:, :, None])[..., 0]
+    return means, quats, size * torch.exp(log_scale)
+
+
 def mean_triangle_size(vertices: torch.Tensor, faces: torch.Tensor) -> float:
     return float(triangle_frames(vertices, faces)[1].mean())
 

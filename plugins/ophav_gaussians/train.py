@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ophav_core.stages.data import FrameSet, MaskSet, Tracking
-from ophav_gaussians.anchors import quat_to_matrix, sh_colours, triangle_frames
+from ophav_gaussians.anchors import place_packed, quat_to_matrix, sh_colours, triangle_frames, triangle_pack
 from ophav_gaussians.model import LEARNT, Gaussians, sh_count
 from ophav_gaussians.options import GaussianOptions
 
@@ -69,11 +69,12 @@ def _needs_grad(g: Gaussians, mesh: torch.Tensor) -> bool:
 
 def render_views(g: Gaussians, opacity: torch.Tensor, faces: torch.Tensor, shell_unit: float, mesh: torch.Tensor,
                  rotation: torch.Tensor, translation: torch.Tensor, Ks: torch.Tensor, size: tuple[int, int],
-                 background: torch.Tensor, degree: int, backend: str) -> dict:
+                 background: torch.Tensor, degree: int, backend: str, pack: torch.Tensor | None = None) -> dict:
     """Rasterise the Gaussians on one head-space mesh (V, 3) from B views (head poses (B, 3, 3), (B, 3),
     intrinsics (B, 3, 3)): the rasteriser's dict (image (B, H, W, 3) over ``background``, alpha, depth (camera z,
     0 where empty), radii, means2d). Without gradients the triton backend places and shades the Gaussians in one
-    launch (:mod:`ophav_gaussians.place_kernel`)."""
+    launch (:mod:`ophav_gaussians.place_kernel`); ``pack``, the mesh's :func:`~ophav_gaussians.anchors.triangle_pack`
+    when it was made once beforehand, makes the differentiable placement a gather and three products."""
     centres = camera_centres(rotation, translation)
     if backend == "triton" and not _needs_grad(g, mesh):
         from ophav_gaussians.place_kernel import place_and_shade
@@ -81,7 +82,10 @@ def render_views(g: Gaussians, opacity: torch.Tensor, faces: torch.Tensor, shell
         means, quats, scales, colours = place_and_shade(mesh, faces, g.parent, g.bary, g.anchor, g.offset,
                                                         g.rotation, g.log_scale, g.sh, shell_unit, centres, degree)
     else:
-        means, quats, scales = g.place(mesh, faces, shell_unit)
+        if pack is not None:
+            means, quats, scales = place_packed(pack, g.parent, g.bary, g.anchor, g.offset, g.rotation, g.log_scale)
+        else:
+            means, quats, scales = g.place(mesh, faces, shell_unit)
         colours = sh_colours(g.sh, means, centres, degree)
     width, height = size
     # ophav's pixel centres are at integer coordinates, the rasteriser's at +0.5: shift the principal point.
@@ -105,14 +109,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of two (H, W, 3) images in [0, 1] (11x11 Gaussian window, sigma 1.5)."""
     x, y = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
     w = _gaussian_window(device=a.device)
-    kx, ky = w.view(1, 1, 1, -1).repeat(3, 1, 1, 1), w.view(1, 1, -1, 1).repeat(3, 1, 1, 1)
-
-    def blur(t):
-        t = F.pad(t, (5, 5, 5, 5), mode="replicate")
-        return F.conv2d(F.conv2d(t, kx, groups=3), ky, groups=3)
-
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    kx, ky = w.view(1, 1, 1, -1).repeat(15, 1, 1, 1), w.view(1, 1, -1, 1).repeat(15, 1, 1, 1)
+    # The five blurred maps in one pair of separable convolutions (a training step is launch-bound).
+    stack = F.pad(torch.cat([x, y, x * x, y * y, x * y], 1), (5, 5, 5, 5), mode="replicate")
+    mx, my, exx, eyy, exy = F.conv2d(F.conv2d(stack, kx, groups=15), ky, groups=15).split(3, 1)
+    sxx, syy, sxy = exx - mx * mx, eyy - my * my, exy - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return value.mean()
@@ -183,9 +184,11 @@ class Trainer:
         lr = {"offset": options.lr_position, "rotation": options.lr_rotation, "log_scale": options.lr_scale,
               "opacity": options.lr_opacity, "sh": options.lr_color}
         self.optimizer = torch.optim.Adam([{"params": [self.params[k]], "lr": lr[k], "base_lr": lr[k], "name": k}
-                                           for k in LEARNT], eps=1e-15)
+                                           for k in LEARNT], eps=1e-15, fused=self.device.type == "cuda")
         with torch.no_grad():
             self._face_size = triangle_frames(self.canonical, self.faces)[1]
+        # Every training frame's triangles, packed once (all frames: 1500 x ~900 x 35 floats at the standard profile).
+        self._packs = triangle_pack(scene.meshes, self.faces, self.shell_unit)
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.background = background_rgb(options.background, self.device)
         self.step_count = 0
@@ -220,12 +223,13 @@ class Trainer:
                 group["lr"] = group["base_lr"]
 
     def render(self, index: int, scene: Scene | None = None, ema: bool = False) -> dict:
+        own = scene is None or scene is self.scene
         scene = scene or self.scene
         g = self.gaussians(ema)
         pick = slice(index, index + 1)
         return render_views(g, torch.sigmoid(g.opacity), self.faces, self.shell_unit, scene.meshes[index],
                             scene.rotation[pick], scene.translation[pick], scene.K[pick], scene.size,
-                            self.background, self.degree, self.backend)
+                            self.background, self.degree, self.backend, self._packs[index] if own else None)
 
     def loss(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss, photometric MSE, the rasteriser's output) of frame ``index``, with gradients."""
@@ -279,8 +283,7 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         decay = min(self.options.ema_decay, (1.0 + self.step_count) / (10.0 + self.step_count))
-        for k in LEARNT:
-            self.ema[k].lerp_(self.params[k].detach(), 1.0 - decay)
+        torch._foreach_lerp_([self.ema[k] for k in LEARNT], [self.params[k].detach() for k in LEARNT], 1.0 - decay)
 
     # ------------------------------------------------------------------ densification
 
