@@ -50,6 +50,10 @@ class RunConfig(BaseModel):
         "in each restore round, draw a view the avatar cannot render (the run's tracker does not find the face "
         "there) from its mirror view, flipped, and let the views reach as far to each side as the coarse video "
         "reaches to either: the symmetry prior for the side of the head the portrait did not show"))
+    mirror_frames: bool = Field(True, description=(
+        "train on the coarse video plus its frames turned further than it reaches on the other side, mirrored "
+        "left to right (a portrait turned to one side gives a video that reaches further that way): the "
+        "symmetry prior for the side of the head the portrait did not show"))
     image2video: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["image2video"]))
     segmenter: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["segmenter"]))
     tracker: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["tracker"]))

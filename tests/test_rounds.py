@@ -230,3 +230,56 @@ def test_a_rejected_render_is_taken_from_its_mirror_view_when_that_one_reads_as_
     assert (out.rgb[1, :, :16] == 200).all() and (out.rgb[1, :, 16:] == 0).all()  # flipped into place
     np.testing.assert_array_equal(out.rgb[[0, 2, 3]], rgb[[0, 2, 3]])
     assert after["landmark_error"][1] is not None
+
+
+def _turned_symmetric(frames: int, size: int, degrees: float) -> Tracking:
+    """``_symmetric_tracking`` with every head turned ``degrees`` further (so the yaw range is lopsided)."""
+    base = _symmetric_tracking(frames, size)
+    rotation = base.rotation @ _yaw(degrees)
+    local = base.canonical_vertices[None] + np.einsum("ne,evc->nvc", base.expression, base.expression_basis)
+    vertices = np.einsum("nij,nvj->nvi", rotation, local) + base.translation[:, None]
+    return Tracking(**{**_fields(base), "rotation": rotation, "vertices": vertices})
+
+
+def test_mirrored_frames_teach_the_yaw_the_video_never_reached_and_show_the_mirror_image():
+    from ophav_core.pipeline.animate import mirrored_frames
+
+    tracking = _turned_symmetric(40, 64, 20.0)  # yaw about -10 .. +50
+    yaw, _ = pose_angles(tracking)
+    lo, hi = np.percentile(yaw, 2), np.percentile(yaw, 98)
+    n, size = len(tracking), 64
+    # Each frame shows one bright pixel where vertex 0 projects; the mask is the left half.
+    images = np.zeros((n, size, size, 3), np.uint8)
+    pixel = tracking.project(tracking.vertices[:, 0]).round().astype(int)
+    images[np.arange(n), pixel[:, 1], pixel[:, 0]] = 255
+    alpha = np.zeros((n, size, size), np.float32)
+    alpha[:, :, : size // 2] = 1.0
+    frames, masks, views, index = mirrored_frames(FrameSet(images, fps=10.0), MaskSet(alpha), tracking)
+    # Exactly the frames whose mirror lies beyond the other side: turned further right than the video turns left.
+    np.testing.assert_array_equal(index, np.flatnonzero(-yaw < lo))
+    assert len(index) > 5 and (yaw[index] > -lo).all()
+    mirrored_yaw = pose_angles(views)[0]
+    np.testing.assert_allclose(mirrored_yaw, -yaw[index], atol=1e-3)
+    assert mirrored_yaw.max() < lo and mirrored_yaw.min() > -hi - 1
+    # The flipped image's bright pixel is where the mirrored tracking puts vertex 0's mirror vertex.
+    bright = np.argwhere(frames.frames[..., 0] == 255)
+    assert len(bright) == len(index)
+    expected = views.project(views.vertices[:, tracking.symmetry[0]])
+    np.testing.assert_allclose(bright[:, [2, 1]], expected, atol=0.6)  # rounding to a pixel: 0.5
+    assert (masks.alpha[:, :, size // 2:] == 1).all() and (masks.alpha[:, :, : size // 2] == 0).all()
+    # The mirrored views join the video's tracking (same camera and mesh), as every training takes them.
+    assert len(tracking.joined(views)) == n + len(index)
+
+
+def test_no_mirrored_frames_without_a_mirror_map_or_a_lopsided_video():
+    from ophav_core.pipeline.animate import mirrored_frames
+
+    plain = synthetic_tracking(8, 32)
+    frames = FrameSet(np.zeros((8, 32, 32, 3), np.uint8), fps=10.0)
+    masks = MaskSet(np.ones((8, 32, 32), np.float32))
+    assert mirrored_frames(frames, masks, plain) is None
+    # Symmetric about frontal: at most the frames past the 98th percentile come back, a few of 40.
+    level = _symmetric_tracking(40, 32)
+    out = mirrored_frames(FrameSet(np.zeros((40, 32, 32, 3), np.uint8), fps=10.0),
+                          MaskSet(np.ones((40, 32, 32), np.float32)), level)
+    assert out is None or len(out[3]) <= 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ophav_core.stages.motion import Motion, rotation_angle
-from ophav_core.stages.data import RenderRequest, RenderResult, Tracking, scale_intrinsics
+from ophav_core.stages.data import FrameSet, MaskSet, RenderRequest, RenderResult, Tracking, scale_intrinsics
 
 
 def frontal_index(tracking: Tracking) -> int:
@@ -155,3 +155,35 @@ def flip_renders(result: RenderResult) -> RenderResult:
     return RenderResult(rgb=np.ascontiguousarray(result.rgb[:, :, ::-1]),
                         alpha=np.ascontiguousarray(result.alpha[:, :, ::-1]),
                         depth=np.ascontiguousarray(result.depth[:, :, ::-1]))
+
+
+def mirrored_frames(frames: FrameSet, masks: MaskSet, tracking: Tracking
+                    ) -> tuple[FrameSet, MaskSet, Tracking, np.ndarray] | None:
+    """The symmetry prior applied to the training data: the frames whose mirror images show the head turned
+    further than the video reaches on the other side, flipped left to right, with the tracking that describes
+    the flipped images exactly (:func:`mirrored_request`), and the indices of the frames they came from.
+
+    A portrait turned 14 degrees gives a coarse video from about -35 to +65 degrees of yaw: the avatar never sees
+    the head beyond -35, and renders fog there. The frames beyond +35, mirrored, show it from -35 to -65. Only
+    frames whose mirrored yaw lies outside the range the video covers (its 2nd to 98th percentile) are taken, so
+    a mirrored frame never competes with a real one (an asymmetric face keeps its own look wherever the video
+    saw it). None when the mesh has no mirror map, the camera's principal point is off the image's vertical
+    centre line (a flip would move it) or no frame reaches beyond the other side."""
+    if tracking.symmetry is None:
+        return None
+    width = int(tracking.image_size[0])
+    if abs(float(tracking.K[0, 2]) - (width - 1) / 2.0) > 1e-3:
+        return None
+    valid = np.ones(len(tracking), bool) if tracking.valid is None else np.asarray(tracking.valid, bool)
+    if not valid.any():
+        return None
+    yaw, _ = pose_angles(tracking)
+    lo, hi = np.percentile(yaw[valid], 2), np.percentile(yaw[valid], 98)
+    index = np.flatnonzero(valid & ((-yaw < lo) | (-yaw > hi)))
+    if not len(index):
+        return None
+    request = RenderRequest.from_tracking(tracking, index)
+    mirrored = mirrored_request(tracking, request, observed=tracking.expression[valid])
+    views = tracking_for_request(tracking, mirrored)
+    flip = lambda a: np.ascontiguousarray(a[index][:, :, ::-1])  # noqa: E731
+    return FrameSet(flip(frames.frames), fps=frames.fps), MaskSet(flip(masks.alpha)), views, index

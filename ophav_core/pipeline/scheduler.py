@@ -117,7 +117,7 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver),
                         **_drawn_on(resolved, "image2video", stage)},
         "track": {"generated_pose": resolved.config.generated_pose}, "segment": {"segmenter": stage("segmenter")},
-        "fit": {"field": stage("field")},
+        "fit": {"field": stage("field"), "mirror_frames": resolved.config.mirror_frames},
         "export": resolved.to_dict(),
     }
     for r in range(1, resolved.rounds + 1):
@@ -400,13 +400,15 @@ class Scheduler:
         if self._stop("segment"):
             return RunResult(self.root, None, self.timings, "segment")
         avatar_rel = "fit/avatar.ckpt"
+        train_frames, train_masks, train_tracking = self._training_set(frames, masks, tracking)
         avatar = self._step(manifest, "fit", [avatar_rel],
-                            lambda: self._fit(frames, masks, tracking, avatar_rel, None),
+                            lambda: self._fit(train_frames, train_masks, train_tracking, avatar_rel, None),
                             lambda: self.component("field").load(self.root / avatar_rel))
         if self._stop("fit"):
             return RunResult(self.root, avatar.path, self.timings, "fit")
         for r in range(1, self.resolved.rounds + 1):
-            avatar = self._round(manifest, r, avatar, frames, masks, tracking, portrait, portrait_tracking)
+            avatar = self._round(manifest, r, avatar, train_frames, train_masks, train_tracking, portrait,
+                                 portrait_tracking)
             if self._stop(f"round{r}"):
                 return RunResult(self.root, avatar.path, self.timings, f"round{r}")
         final = self._step(manifest, "export", ["avatar/avatar.ckpt", "avatar/avatar.json", "preview.mp4"],
@@ -499,6 +501,33 @@ class Scheduler:
         masks.save(self.root / "segment/masks.npz")
         save_png(self.root / "segment/overlay.png", mask_overlay(frames, masks))
         return masks
+
+    def _training_set(self, frames: FrameSet, masks: MaskSet, tracking: Tracking
+                      ) -> tuple[FrameSet, MaskSet, Tracking]:
+        """What every training of the run learns from: the coarse video, plus (``mirror_frames``) its frames turned
+        beyond what it reaches on the other side, mirrored (:func:`~ophav_core.pipeline.animate.mirrored_frames`).
+        Cheap to recompute, so a resumed run rebuilds it rather than storing a second copy of the video."""
+        if not self.resolved.config.mirror_frames:
+            return frames, masks, tracking
+        from ophav_core.pipeline.animate import mirrored_frames, pose_angles
+
+        mirrored = mirrored_frames(frames, masks, tracking)
+        if mirrored is None:
+            return frames, masks, tracking
+        more_frames, more_masks, views, index = mirrored
+        yaw = pose_angles(views)[0]
+        self.log(f"fit: {len(index)} coarse frames turned further than the video reaches on the other side are "
+                 f"added mirrored (yaw {yaw.min():.0f} to {yaw.max():.0f} deg; fit/mirrored.png)")
+        sheet = self.root / "fit/mirrored.png"
+        if not sheet.exists():
+            from ophav_core.media import contact_sheet, pick_evenly, save_png
+
+            pick = pick_evenly(len(index), 4)
+            tiles = [im for i in pick for im in (frames.frames[index[i]], more_frames.frames[i])]
+            labels = [t for i in pick for t in (f"coarse #{index[i]}", f"mirrored, yaw {yaw[i]:.0f}")]
+            save_png(sheet, contact_sheet(tiles, columns=4, labels=labels))
+        return (FrameSet(np.concatenate([frames.frames, more_frames.frames]), fps=frames.fps),
+                MaskSet(np.concatenate([masks.alpha, more_masks.alpha])), tracking.joined(views))
 
     def _fit(self, frames: FrameSet, masks: MaskSet, tracking: Tracking, rel: str,
              init: AvatarCheckpoint | None) -> AvatarCheckpoint:

@@ -11,6 +11,8 @@ from your plugin's tests::
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,8 +30,11 @@ def tiny_context(work_dir: Path | None = None, device: str = "cpu", profile: str
     """A quiet context for tests; components drawing on another stage get the registry's default for it."""
     from ophav_core.components import registry_components
 
-    return RunContext(device=device, profile=PROFILES[profile], seed=0,
-                      work_dir=Path(work_dir or tempfile.mkdtemp(prefix="ophav-contract-")), quiet=True,
+    if work_dir is None:
+        work_dir = Path(tempfile.mkdtemp(prefix="ophav-contract-"))
+        # A test suite builds hundreds of these; remove them when the process ends rather than leave them in /tmp.
+        atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
+    return RunContext(device=device, profile=PROFILES[profile], seed=0, work_dir=Path(work_dir), quiet=True,
                       components=registry_components())
 
 
