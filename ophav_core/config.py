@@ -50,10 +50,12 @@ class RunConfig(BaseModel):
         "in each restore round, draw a view the avatar cannot render (the run's tracker does not find the face "
         "there) from its mirror view, flipped, and let the views reach as far to each side as the coarse video "
         "reaches to either: the symmetry prior for the side of the head the portrait did not show"))
-    mirror_frames: bool = Field(True, description=(
+    mirror_frames: bool = Field(False, description=(
         "train on the coarse video plus its frames turned further than it reaches on the other side, mirrored "
         "left to right (a portrait turned to one side gives a video that reaches further that way): the "
-        "symmetry prior for the side of the head the portrait did not show"))
+        "symmetry prior for the side of the head the portrait did not show. Off by default: on a preview it gave "
+        "the far side a face instead of fog but lowered the face-detection rate within 45 degrees "
+        "(benchmarks/RESULTS.md, eighth session)"))
     image2video: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["image2video"]))
     segmenter: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["segmenter"]))
     tracker: StageChoice = Field(default_factory=lambda: StageChoice(name=DEFAULT_COMPONENTS["tracker"]))

@@ -196,3 +196,16 @@ def test_worker_counts_do_not_change_what_a_step_computes():
     assert keys(restorer={"name": "reference", "options": {"workers": 2}}) == base
     changed = keys(image2video={"name": "meshwarp", "options": {"crop_scale": 2.0}})
     assert changed["portrait"] == base["portrait"] and changed["image2video"] != base["image2video"]
+
+
+def test_mirrored_frames_change_the_fits_key_and_nothing_before_it(tmp_path, portrait_file):
+    make_scheduler(tmp_path / "base", portrait_file, 0).run()
+    fakes.CALLS.clear()
+    mirrored = make_reusing(tmp_path / "mirror", portrait_file, 0, [tmp_path / "base"], sets=["mirror_frames=true"])
+    mirrored.run()
+    assert "segment" in mirrored.reused and "fit" not in mirrored.reused and fakes.CALLS["fit0"] == 1
+    fakes.CALLS.clear()
+    # Off is the default, and a run that says so takes the fit of a run made before the option existed.
+    plain = make_reusing(tmp_path / "plain", portrait_file, 0, [tmp_path / "base"], sets=["mirror_frames=false"])
+    plain.run()
+    assert "fit" in plain.reused and fakes.CALLS["fit0"] == 0

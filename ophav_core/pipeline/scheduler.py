@@ -117,7 +117,8 @@ def step_keys(resolved: ResolvedConfig, portrait_path: Path, device: str) -> dic
         "image2video": {"image2video": stage("image2video"), "driver": _content_digest(resolved.config.driver),
                         **_drawn_on(resolved, "image2video", stage)},
         "track": {"generated_pose": resolved.config.generated_pose}, "segment": {"segmenter": stage("segmenter")},
-        "fit": {"field": stage("field"), "mirror_frames": resolved.config.mirror_frames},
+        "fit": {"field": stage("field"),  # mirror_frames named only when on: runs made without it keep their keys
+                **({"mirror_frames": True} if resolved.config.mirror_frames else {})},
         "export": resolved.to_dict(),
     }
     for r in range(1, resolved.rounds + 1):
