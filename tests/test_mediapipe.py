@@ -239,3 +239,43 @@ def test_still_head_does_not_jitter(astronaut):
     # movements are not smoothed away (tracker.py, _FILTERS). A quarter of a pixel a frame at 512 px is far below
     # what shows.
     assert step(smooth) < 0.25 and step(smooth) < step(raw), "projected mesh moves under 0.25 px a frame"
+
+
+def test_stderr_comes_back_when_threads_silence_it_at_once():
+    """Two threads (the tracker and the segmenter's mattes in ``ophav preprocess``) silencing MediaPipe's native
+    log at overlapping times: file descriptor 2 is /dev/null while either is inside, and itself again after."""
+    import os
+    import threading
+
+    from ophav_mediapipe.detect import native_stderr_silenced
+
+    def target_of_fd2() -> str:
+        return os.readlink("/proc/self/fd/2") if os.path.exists("/proc/self/fd/2") else ""
+
+    before = target_of_fd2()
+    first_in, second_in, first_may_leave = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with native_stderr_silenced():
+            first_in.set()
+            second_in.wait(5)
+            first_may_leave.wait(5)
+        seen["after first"] = target_of_fd2()
+
+    def second():
+        first_in.wait(5)
+        with native_stderr_silenced():
+            second_in.set()
+            seen["inside"] = target_of_fd2()
+            first_may_leave.set()
+            threading.Event().wait(0.05)  # the first one leaves while this one is still inside
+            seen["inside after first left"] = target_of_fd2()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen["inside"] == os.devnull and seen["inside after first left"] == os.devnull
+    assert target_of_fd2() == before

@@ -233,17 +233,20 @@ def mesh_overlay(frames: FrameSet, tracking: Tracking, wanted: int = 12) -> np.n
 
 
 def plot_pose(tracking: Tracking, path: str | os.PathLike, fps: float = 25.0, title: str = "") -> Path:
-    """PNG of yaw/pitch/roll (degrees) over time, frames without a face marked."""
-    import matplotlib
+    """PNG of yaw/pitch/roll (degrees) over time, frames without a face marked.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare Figure on the Agg canvas, not pyplot: no global figure registry and no backend switch, so it can be
+    drawn in a worker thread (``api.preprocess`` does) beside a caller's own matplotlib."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from ophav_core.stages.motion import matrix_to_euler
 
     yaw, pitch, roll = matrix_to_euler(tracking.rotation)
     t = np.arange(len(tracking)) / fps
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    fig = Figure(figsize=(8, 3), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for values, name in ((yaw, "yaw"), (pitch, "pitch"), (roll, "roll")):
         ax.plot(t, values, label=name)
     if tracking.valid is not None and not tracking.valid.all():
@@ -256,6 +259,5 @@ def plot_pose(tracking: Tracking, path: str | os.PathLike, fps: float = 25.0, ti
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,13 @@ def check_segmenter(component: Segmenter, frames: FrameSet | None = None, tracki
     masks.check_matches(frames)
     assert masks.alpha.dtype == np.float32
     assert 0.0 <= masks.alpha.min() and masks.alpha.max() <= 1.0
+    # What ``prepare`` made beforehand (in a worker thread, as ``ophav preprocess`` calls it) changes nothing.
+    worker = threading.Thread(target=component.prepare, args=(frames,))
+    worker.start()
+    worker.join()
+    prepared = component.segment(frames, tracking)
+    np.testing.assert_allclose(prepared.alpha, masks.alpha, atol=1e-6,
+                               err_msg="segment() after prepare() gives other masks than without it")
     return masks
 
 

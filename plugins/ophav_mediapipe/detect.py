@@ -1,7 +1,9 @@
 """Running MediaPipe's face mesh (the model inside the ``mediapipe==0.10.21`` wheel) over frames."""
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,22 +29,45 @@ class Detections:
     seconds: float = 0.0
 
 
+# MediaPipe is imported and its graphs started from two threads at once in ``ophav preprocess`` (the segmenter's
+# mattes beside the tracker): mediapipe's __init__ breaks when two threads import it together, and two threads
+# swapping file descriptor 2 could leave it pointing at /dev/null. One lock serialises the imports; the stderr
+# redirection is counted, so it is made by the first thread in and undone by the last one out.
+_IMPORT_LOCK = threading.Lock()
+_STDERR_LOCK = threading.Lock()
+_stderr_state = {"depth": 0, "saved": -1}
+
+
+def mediapipe_solution(name: str):
+    """``mediapipe.python.solutions.<name>``, imported under a lock (safe from several threads)."""
+    _quiet_mediapipe_logs()
+    with _IMPORT_LOCK:
+        return importlib.import_module(f"mediapipe.python.solutions.{name}")
+
+
 @contextmanager
 def native_stderr_silenced():
     """Send file descriptor 2 to /dev/null: MediaPipe's C++ graph logs a screenful of absl lines at start-up
-    that no environment variable turns off. Python-level warnings are issued outside this block."""
+    that no environment variable turns off. Python-level warnings are issued outside this block. Safe to nest
+    and to enter from several threads."""
     import sys
 
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    with _STDERR_LOCK:
+        if _stderr_state["depth"] == 0:
+            sys.stderr.flush()
+            _stderr_state["saved"] = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        _stderr_state["depth"] += 1
     try:
-        os.dup2(devnull, 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        with _STDERR_LOCK:
+            _stderr_state["depth"] -= 1
+            if _stderr_state["depth"] == 0:
+                os.dup2(_stderr_state["saved"], 2)
+                os.close(_stderr_state["saved"])
 
 
 def _quiet_mediapipe_logs() -> None:
@@ -54,9 +79,7 @@ def _quiet_mediapipe_logs() -> None:
 def make_face_mesh(single_image: bool, min_detection_confidence: float = 0.5, max_faces: int = 2):
     """A MediaPipe FaceMesh: static mode for one photo, tracking mode for a video. Two faces at most, so a
     second person is noticed (and reported) rather than silently swapped in."""
-    _quiet_mediapipe_logs()
-    from mediapipe.python.solutions.face_mesh import FaceMesh
-
+    FaceMesh = mediapipe_solution("face_mesh").FaceMesh
     return FaceMesh(static_image_mode=single_image, max_num_faces=max_faces, refine_landmarks=False,
                     min_detection_confidence=min_detection_confidence, min_tracking_confidence=0.5)
 

@@ -11,6 +11,7 @@ tracking, so masks do not flicker.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -62,12 +63,11 @@ def mediapipe_landmarks() -> HeadLandmarks:
 
 def person_mattes(frames: np.ndarray, model_selection: int = 0) -> np.ndarray:
     """MediaPipe selfie segmentation of every frame: float32 (N, H, W) in [0, 1]."""
-    from ophav_mediapipe.detect import _quiet_mediapipe_logs, _upscale_for_detection, native_stderr_silenced
+    from ophav_mediapipe.detect import _upscale_for_detection, mediapipe_solution, native_stderr_silenced
 
-    _quiet_mediapipe_logs()
     import cv2
-    from mediapipe.python.solutions.selfie_segmentation import SelfieSegmentation
 
+    SelfieSegmentation = mediapipe_solution("selfie_segmentation").SelfieSegmentation
     n, h, w = frames.shape[:3]
     out = np.zeros((n, h, w), np.float32)
     with native_stderr_silenced():
@@ -83,22 +83,29 @@ def person_mattes(frames: np.ndarray, model_selection: int = 0) -> np.ndarray:
             if mask.shape != (h, w):
                 mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA)
             out[i] = mask
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def ema_zero_phase(x: np.ndarray, keep: float) -> np.ndarray:
-    """Exponential moving average over axis 0 with weight ``keep`` on the past, forwards and backwards averaged."""
+    """Exponential moving average over axis 0 with weight ``keep`` on the past, forwards and backwards averaged.
+
+    Frame by frame into two preallocated arrays, with no whole-video temporaries: a 512x512 video's mattes are
+    about 1 MB a frame, and allocating four more copies of them cost more than the arithmetic."""
     if keep <= 0 or len(x) < 2:
         return x
-
-    def run(seq: np.ndarray) -> np.ndarray:
-        out = np.empty_like(seq)
-        out[0] = seq[0]
-        for i in range(1, len(seq)):
-            out[i] = keep * out[i - 1] + (1 - keep) * seq[i]
-        return out
-
-    return 0.5 * (run(x) + run(x[::-1])[::-1])
+    x = np.asarray(x)
+    forward = np.empty_like(x)
+    backward = np.empty_like(x)
+    forward[0], backward[-1] = x[0], x[-1]
+    for i in range(1, len(x)):
+        np.multiply(forward[i - 1], keep, out=forward[i])
+        forward[i] += (1 - keep) * x[i]
+        j = len(x) - 1 - i
+        np.multiply(backward[j + 1], keep, out=backward[j])
+        backward[j] += (1 - keep) * x[j]
+    forward += backward
+    forward *= 0.5
+    return forward
 
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
@@ -212,31 +219,40 @@ class MediapipeSegmenter(Segmenter):
     Options = MediapipeSegmenterOptions
     options: MediapipeSegmenterOptions
 
-    def segment(self, frames: FrameSet, tracking: Tracking | None = None) -> MaskSet:
-        o = self.options
-        mattes = person_mattes(frames.frames, o.model_selection)
-        if len(frames) > 1:
-            mattes = ema_zero_phase(mattes, o.temporal)
-        regions = self._regions(frames, tracking)
-        alpha = mattes if regions is None else mattes * regions
-        if regions is not None:
-            alpha = np.stack([keep_the_head(a, r) for a, r in zip(alpha, regions)])
-        return MaskSet(np.clip(alpha, 0.0, 1.0).astype(np.float32))
+    def prepare(self, frames: FrameSet) -> None:
+        """The person mattes (MediaPipe's selfie segmentation, smoothed over time) need no tracking: made here,
+        they run beside the tracker (both are MediaPipe graphs on their own threads)."""
+        self._prepared = (frames, self._mattes(frames))
 
-    def _regions(self, frames: FrameSet, tracking: Tracking | None) -> np.ndarray | None:
+    def _mattes(self, frames: FrameSet) -> np.ndarray:
+        mattes = person_mattes(frames.frames, self.options.model_selection)
+        return ema_zero_phase(mattes, self.options.temporal) if len(frames) > 1 else mattes
+
+    def segment(self, frames: FrameSet, tracking: Tracking | None = None) -> MaskSet:
+        prepared, self._prepared = getattr(self, "_prepared", None), None
+        alpha = prepared[1] if prepared is not None and prepared[0] is frames else self._mattes(frames)
+        # Region, cut and clip one frame at a time, in place: whole-video temporaries of (N, H, W) floats cost
+        # more than the work (about a third of a 512x512 video's segmentation).
+        for i, region in enumerate(self._regions(frames, tracking) or ()):
+            alpha[i] *= region
+            alpha[i] = keep_the_head(alpha[i], region)
+        np.clip(alpha, 0.0, 1.0, out=alpha)
+        return MaskSet(alpha.astype(np.float32, copy=False))
+
+    def _regions(self, frames: FrameSet, tracking: Tracking | None) -> Iterator[np.ndarray] | None:
         size = frames.size
         if tracking is not None and tuple(int(s) for s in tracking.image_size) == size and len(tracking) == len(frames):
             points = tracking.project(tracking.vertices.astype(np.float64))
             topology = tracking.topology
             if HeadLandmarks.covers(topology):
                 marks = HeadLandmarks.of(topology, tracking.canonical_vertices)
-                return np.stack([head_region(p, size, self.options, marks) for p in points])
-            return np.stack([hull_region(p, size, self.options.feather) for p in points])
+                return (head_region(p, size, self.options, marks) for p in points)
+            return (hull_region(p, size, self.options.feather) for p in points)
         points = self._face_points(frames)
         if points is None:
             warnings.warn("no face found in any frame: the masks are the whole person matte", stacklevel=3)
             return None
-        return np.stack([head_region(p, size, self.options) for p in points])
+        return (head_region(p, size, self.options) for p in points)
 
     def _face_points(self, frames: FrameSet) -> np.ndarray | None:
         """Face-mesh points (N, 468, 2) from MediaPipe, gaps filled from the neighbouring frames."""
