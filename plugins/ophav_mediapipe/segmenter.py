@@ -218,6 +218,7 @@ def keep_the_head(alpha: np.ndarray, region: np.ndarray, level: float = 0.25) ->
 class MediapipeSegmenter(Segmenter):
     Options = MediapipeSegmenterOptions
     options: MediapipeSegmenterOptions
+    _prepared: tuple[FrameSet, np.ndarray] | None = None  # (frames, their mattes) from prepare, taken by segment
 
     def prepare(self, frames: FrameSet) -> None:
         """The person mattes (MediaPipe's selfie segmentation, smoothed over time) need no tracking: made here,
@@ -229,7 +230,7 @@ class MediapipeSegmenter(Segmenter):
         return ema_zero_phase(mattes, self.options.temporal) if len(frames) > 1 else mattes
 
     def segment(self, frames: FrameSet, tracking: Tracking | None = None) -> MaskSet:
-        prepared, self._prepared = getattr(self, "_prepared", None), None
+        prepared, self._prepared = self._prepared, None
         alpha = prepared[1] if prepared is not None and prepared[0] is frames else self._mattes(frames)
         # Region, cut and clip one frame at a time, in place: whole-video temporaries of (N, H, W) floats cost
         # more than the work (about a third of a 512x512 video's segmentation).
