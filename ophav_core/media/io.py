@@ -118,8 +118,8 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     side = min(h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
     crop = image[y0:y0 + side, x0:x0 + side]
-    if side == size:  # already the size: a copy, not a resampling (the same pixels, without its cost)
-        return np.ascontiguousarray(crop)
+    if side == size:  # already the size: a new array as cv2.resize gives, without the resampling's cost
+        return crop.copy()
     interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     return cv2.resize(crop, (size, size), interpolation=interp)
 
