@@ -277,6 +277,91 @@ def test_gpu_fused_placement_and_colour_match_the_torch_ops():
     assert max(found["means"], found["quats"], found["scales"], found["colours"]) <= 1e-4, found
 
 
+def split_step_agreement(device: str, graphs: bool, frames_checked: tuple[int, ...] = (0, 3, 5),
+                         rounds: int = 2) -> dict:
+    """The triton training loss in two halves (ophav_gaussians.step; CUDA graphs when ``graphs``) against the same
+    loss through ``render_views``, on the synthetic head at SH degree 1 (colour gradients reach the means): worst
+    relative differences of the loss, the MSE, every parameter's gradient and the screen-space gradient that
+    densification reads, over ``frames_checked``, before and after each of ``rounds`` - 1 densifications (which
+    recapture the graphs)."""
+    from ophav_core.testing.synthetic import render_synthetic, synthetic_tracking
+    from ophav_gaussians.field import build_trainer
+    from ophav_gaussians.model import LEARNT
+    from ophav_gaussians.options import GaussianOptions
+
+    tracking = synthetic_tracking(8, 32)
+    frames, masks = render_synthetic(tracking)
+    options = GaussianOptions(cuda_graphs=graphs, sh_degree=1)
+    trainer, _ = build_trainer(options, "tiny", frames, masks, tracking, device, 0, "triton", 100)
+    trainer.degree = 1
+    found = {"loss": 0.0, "mse": 0.0, "grads": 0.0, "means2d": 0.0, "captured": 0}
+
+    def run(loss_of, index):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss, mse, out = loss_of(index)
+        loss.backward()
+        return (float(loss.detach()), float(mse), {k: trainer.params[k].grad.clone() for k in LEARNT},
+                out["means2d"].grad.clone(), out["radii"].clone())
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+    for round_ in range(rounds):
+        for index in frames_checked:
+            la, ma, ga, sa, ra = run(trainer._loss_rendered, index)
+            lb, mb, gb, sb, rb = run(trainer._loss_split, index)
+            assert torch.equal(ra, rb)
+            found["loss"] = max(found["loss"], abs(la - lb) / abs(la))
+            found["mse"] = max(found["mse"], abs(ma - mb) / abs(ma))
+            found["grads"] = max([found["grads"]] + [rel(gb[k], ga[k]) for k in LEARNT])
+            found["means2d"] = max(found["means2d"], rel(sb, sa))
+        found["captured"] += len(trainer._halves)
+        with torch.no_grad():
+            trainer.grad_sum.fill_(1.0)
+            trainer.grad_count.fill_(1.0)
+        trainer.densify_and_prune()
+    found["gaussians"] = len(trainer)
+    return found
+
+
+SPLIT_STEP_CHECK = """
+import sys
+sys.path[:0] = [{tests!r}, {plugins!r}]
+from test_gaussians import split_step_agreement
+print(split_step_agreement("cpu", False, (0, 5), 1))
+"""
+
+
+def test_the_split_training_step_is_the_rendered_one_in_the_interpreter():
+    """The two-halves step that CUDA graphs replay computes the same loss and gradients as the plain one (the
+    triton kernels on the CPU through the interpreter; two frames, no densification, to keep it to seconds);
+    float32 bound 1e-5 relative to each tensor's largest."""
+    pytest.importorskip("triton")
+    import ast
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    script = SPLIT_STEP_CHECK.format(tests=str(tests), plugins=str(tests.parent / "plugins"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert found["captured"] == 2, found
+    assert max(found["loss"], found["mse"], found["grads"], found["means2d"]) <= 1e-5, found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphed_training_step_is_the_rendered_one():
+    """Replayed as CUDA graphs, recaptured after a densification: the same loss and gradients as the plain step,
+    within 1e-4 relative (the projection's backward sums with atomics, in no fixed order)."""
+    pytest.importorskip("triton")
+    found = split_step_agreement("cuda", True)
+    assert found["captured"] == 4, found
+    assert max(found["loss"], found["mse"], found["grads"], found["means2d"]) <= 1e-4, found
+
+
 def test_the_shell_is_seeded_on_the_masks_hull_outside_the_face(head):
     from ophav_gaussians.model import carve_shell
     from ophav_gaussians.train import unposed_vertices

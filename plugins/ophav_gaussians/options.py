@@ -86,6 +86,10 @@ class GaussianOptions(BaseModel):
     backend: Literal["auto", "torch", "triton", "sparse", "gsplat"] = Field(
         "auto", description="rasteriser: auto = triton on CUDA, sparse (per Gaussian-pixel pair, PyTorch) on the "
         "CPU; torch = the tile reference; gsplat when importable")
+    cuda_graphs: bool = Field(True, description="on CUDA with the triton rasteriser and one frame a step: the "
+                              "training step's parts before and after the rasteriser replayed as CUDA graphs "
+                              "(the same arithmetic, a tenth of the launches), captured again after each "
+                              "densification")
     render_batch: int = Field(16, ge=1, description="views of one expression rasterised in one call")
     progress_every: int = Field(10, ge=1, description="iterations between progress updates (each syncs the GPU)")
 

@@ -1,0 +1,201 @@
+"""Where a training step of the ``gaussians`` field spends its time, on a real video (CUDA).
+
+One command (on the GPU machine; the dataset is made by ``bench_gaussians.py`` or ``ophav preprocess``)::
+
+    python3 benchmarks/profile_gaussians_step.py --work /tmp/nod175_512 --warmup 3000 --out /tmp/out/profile
+
+1. Trains ``--warmup`` iterations of the standard schedule (so the Gaussian count and the SH degree are those of a
+   real training at that point), then times ``--timed`` steps with only a synchronisation at the ends: it/s.
+2. Profiles ``--profiled`` more steps with ``torch.profiler`` and named ranges around the phases of a step (render,
+   losses, backward, optimizer, EMA, densification). Prints, per phase, the host time and the GPU time of the
+   kernels it launched, then the kernels by GPU time and the operators by host time; the GPU's busy share of the
+   wall time (the kernels' time over the steps' wall time) says whether a step is bound by the GPU or by
+   launching work on it. Writes ``profile.json`` (the tables) and ``trace.json`` (a Chrome trace) under ``--out``.
+
+``--set OPTION=VALUE`` overrides a GaussianOptions option, as in ``bench_gaussians.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PHASES = ("render", "photometric", "regularisers", "backward", "accumulate", "optimizer", "ema", "densify")
+
+
+def instrumented_step(trainer, record):
+    """One ``Trainer.step`` with each phase in a named range (the same work, in the same order)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ophav_gaussians import train as T
+
+    opt, scene = trainer.options, trainer.scene
+    trainer._set_learning_rates()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    picks = torch.randint(0, len(trainer._usable), (opt.frames_per_batch,), generator=trainer.generator)
+    for k in picks.tolist():
+        index = trainer._usable[k]
+        with record("render"):
+            out = trainer.render(index)
+            if out["means2d"].requires_grad:
+                out["means2d"].retain_grad()
+        with record("photometric"):
+            target, mask = scene.target(index, trainer.background)
+            image, alpha = out["image"][0], out["alpha"][0]
+            loss = (1 - opt.lambda_dssim) * (image - target).abs().mean()
+            if opt.lambda_dssim > 0:
+                loss = loss + opt.lambda_dssim * (1 - T.ssim(image, target))
+            loss = loss + opt.lambda_alpha * (alpha - mask).abs().mean()
+        with record("regularisers"):
+            p = trainer.params
+            on_mesh = trainer.fixed["parent"] >= 0
+            threshold = torch.where(on_mesh, opt.scale_threshold, opt.shell_scale_threshold)
+            loss = loss + opt.lambda_scale * F.relu(torch.exp(p["log_scale"]) - threshold[:, None]).mean()
+            loss = loss + opt.lambda_position * (F.relu(p["offset"].norm(dim=-1) - opt.position_threshold)
+                                                 * on_mesh).mean()
+            loss = loss + opt.lambda_opacity * torch.sigmoid(p["opacity"]).mean()
+        with record("backward"):
+            (loss / opt.frames_per_batch).backward()
+        with record("accumulate"):
+            trainer._accumulate(out)
+    with record("optimizer"):
+        trainer.optimizer.step()
+    trainer.step_count += 1
+    with record("ema"):
+        trainer._update_ema()
+    until = int(opt.densify_until * trainer.total)
+    if opt.densify_from <= trainer.step_count < until and trainer.step_count % opt.densify_every == 0:
+        with record("densify"):
+            trainer.densify_and_prune()
+    if trainer.degree < trainer.max_degree and trainer.step_count % opt.sh_every == 0:
+        trainer.degree += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="dataset folder (frames/masks/tracking.npz)")
+    parser.add_argument("--video", type=Path, default=None, help="video to preprocess when --work holds none")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--iterations", type=int, default=6500, help="the schedule's length (learning-rate decay, "
+                        "densification window)")
+    parser.add_argument("--warmup", type=int, default=3000)
+    parser.add_argument("--timed", type=int, default=300)
+    parser.add_argument("--profiled", type=int, default=40)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script on a small dataset")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gaussians import load_or_preprocess, split
+    from ophav_core.config import parse_value
+    from ophav_gaussians.field import build_trainer
+    from ophav_gaussians.options import GaussianOptions
+    from ophav_gaussians.train import resolve_backend
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    options = GaussianOptions(**{k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
+    frames, masks, tracking = load_or_preprocess(args.video, args.work, args.size)
+    train, _ = split(frames, masks, tracking, 10)
+    trainer, _ = build_trainer(options, "standard", *train, device, 0, resolve_backend("auto", device),
+                               args.iterations)
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        trainer.step()
+    sync()
+    print(f"warm-up: {args.warmup} it in {time.perf_counter() - started:.1f} s, {len(trainer)} Gaussians, "
+          f"SH degree {trainer.degree}", flush=True)
+    sync()
+    started = time.perf_counter()
+    for _ in range(args.timed):
+        trainer.step()
+    sync()
+    plain = args.timed / (time.perf_counter() - started)
+    print(f"timed: {plain:.1f} it/s over {args.timed} steps", flush=True)
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        wall_start = time.perf_counter()
+        for _ in range(args.profiled):
+            with record_function("step"):
+                instrumented_step(trainer, record_function)
+        sync()
+        wall = time.perf_counter() - wall_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(args.out / "trace.json"))
+
+    # Per phase: host time of the range, GPU time of the kernels launched inside it (by correlation in the trace).
+    events = json.loads((args.out / "trace.json").read_text())["traceEvents"]
+    ranges = [e for e in events if e.get("cat") == "user_annotation" and e.get("name") in PHASES + ("step",)]
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    host = defaultdict(float)
+    for r in ranges:
+        host[r["name"]] += r["dur"]
+    gpu = defaultdict(float)
+    count = defaultdict(int)
+    by_thread = defaultdict(list)
+    for r in ranges:
+        if r["name"] != "step":
+            by_thread[r["tid"]].append(r)
+    for k in kernels:
+        launch = launches.get(k["args"].get("correlation"))
+        phase = "other"
+        if launch is not None:
+            for r in by_thread.get(launch["tid"], ()):
+                if r["ts"] <= launch["ts"] <= r["ts"] + r["dur"]:
+                    phase = r["name"]
+                    break
+            else:  # autograd's backward runs on its own thread, outside the range's thread
+                phase = "backward"
+        gpu[phase] += k["dur"]
+        count[phase] += 1
+    busy = sum(k["dur"] for k in kernels) / 1e6
+    rows = [{"phase": p, "host_ms_per_step": round(host[p] / 1e3 / args.profiled, 3),
+             "gpu_ms_per_step": round(gpu[p] / 1e3 / args.profiled, 3),
+             "kernels_per_step": round(count[p] / args.profiled, 1)} for p in PHASES + ("other",)]
+    print(f"profiled: {args.profiled} steps in {wall:.3f} s ({args.profiled / wall:.1f} it/s under the profiler); "
+          f"GPU busy {busy:.3f} s = {100 * busy / wall:.0f}% of the wall; "
+          f"{len(kernels) / args.profiled:.0f} kernels a step", flush=True)
+    print(f"{'phase':<14}{'host ms':>9}{'GPU ms':>9}{'kernels':>9}")
+    for row in rows:
+        print(f"{row['phase']:<14}{row['host_ms_per_step']:>9.3f}{row['gpu_ms_per_step']:>9.3f}"
+              f"{row['kernels_per_step']:>9.1f}")
+    kernel_time = defaultdict(float)
+    kernel_calls = defaultdict(int)
+    for k in kernels:
+        kernel_time[k["name"]] += k["dur"]
+        kernel_calls[k["name"]] += 1
+    top = sorted(kernel_time.items(), key=lambda kv: -kv[1])[:30]
+    print("\nkernels by GPU time (ms per step, calls per step):")
+    for name, dur in top:
+        print(f"{dur / 1e3 / args.profiled:8.3f} {kernel_calls[name] / args.profiled:6.1f}  {name[:110]}")
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    print("\noperators by host time:\n" + table)
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "options": trainer.options.model_dump(), "gaussians": len(trainer), "sh_degree": trainer.degree,
+              "warmup": args.warmup, "it_per_s": round(plain, 1), "profiled_steps": args.profiled,
+              "profiled_it_per_s": round(args.profiled / wall, 1), "gpu_busy_share": round(busy / wall, 3),
+              "kernels_per_step": round(len(kernels) / args.profiled, 1), "phases": rows,
+              "top_kernels": [{"name": n, "ms_per_step": round(d / 1e3 / args.profiled, 4),
+                               "calls_per_step": kernel_calls[n] / args.profiled} for n, d in top]}
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out / "operators.txt").write_text(table)
+    print(f"wrote {args.out}/profile.json, trace.json, operators.txt")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,95 @@
+"""The triton training step as two dense halves around the rasteriser, each of which can be one CUDA graph.
+
+A training step at the standard profile launched ~375 kernels for ~3 ms of GPU work (H200, 30k Gaussians, 512x512):
+it was bound by the host issuing them, the GPU busy a fifth of the time (``benchmarks/profile_gaussians_step.py``,
+benchmarks/RESULTS.md). Between two densifications everything but the tile binning has fixed shapes:
+
+* the *front* (placing the Gaussians on the frame's triangles, their SH colours, the fused projection, the
+  regularisers on the parameters) is a function of the parameters and the frame's pack, pose and intrinsics;
+* the *photometric* half (compositing over the background, L1, SSIM, the alpha loss) is a function of the
+  rasteriser's output and the frame's image and mask.
+
+Only the binning between them has a data-dependent size (it syncs once with the host), so it and the compositing
+kernels stay eager, and each half is captured with ``torch.cuda.make_graphed_callables``: one replay for its
+forward and one for its backward. The arithmetic is the same as the eager path's (``Trainer`` checks it in the
+tests); the graphs are recaptured whenever the Gaussians change (densification, pruning, the SH degree).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ophav_gaussians.anchors import place_packed, sh_colours
+
+
+def make_front(parent: torch.Tensor, bary: torch.Tensor, anchor: torch.Tensor, degree: int, width: int,
+               height: int, near: float, far: float, options) -> Callable:
+    """``front(offset, rotation, log_scale, opacity_logit, sh, pack, rotation_pose, translation, K)`` (the
+    parameters in :data:`~ophav_gaussians.model.LEARNT` order) ->
+    ``(means2d, conics, opacities, features, regularisers, depths, radii, tile_box, visible)`` for one view
+    (``pack`` the frame's :func:`~ophav_gaussians.anchors.triangle_pack`, the pose (1, 3, 3) and (1, 3), K (1, 3, 3)
+    in ophav's pixel convention). ``features`` are RGB and camera depth (the compositing kernels' four channels);
+    the returned ``depths`` carry no gradient (they only order the binning)."""
+    from ophav_gaussians.raster.triton_kernels import project_gaussians_triton_autograd
+
+    on_mesh = parent >= 0
+    threshold = torch.where(on_mesh, options.scale_threshold, options.shell_scale_threshold)[:, None]
+    on_mesh_f = on_mesh.to(torch.float32)
+
+    def front(offset, rotation, log_scale, opacity_logit, sh, pack, rotation_pose, translation, K):
+        means, quats, scales = place_packed(pack, parent, bary, anchor, offset, rotation, log_scale)
+        centres = -torch.einsum("bji,bj->bi", rotation_pose, translation)
+        colours = sh_colours(sh, means, centres, degree)
+        opacities = torch.sigmoid(opacity_logit)
+        viewmats = torch.zeros(1, 4, 4, dtype=torch.float32, device=means.device)
+        viewmats[:, :3, :3], viewmats[:, :3, 3], viewmats[:, 3, 3] = rotation_pose, translation, 1.0
+        # ophav's pixel centres are at integer coordinates, the rasteriser's at +0.5 (as render_views).
+        Ks = K.clone()
+        Ks[:, 0, 2] += 0.5
+        Ks[:, 1, 2] += 0.5
+        proj = project_gaussians_triton_autograd(means, quats, scales, opacities, viewmats, Ks, width, height,
+                                                 near, far)
+        features = torch.cat([colours, proj.depths[..., None]], dim=-1)
+        regularisers = torch.zeros((), device=means.device)
+        if options.lambda_scale > 0:
+            regularisers = regularisers + options.lambda_scale * F.relu(torch.exp(log_scale) - threshold).mean()
+        if options.lambda_position > 0:
+            far_off = F.relu(offset.norm(dim=-1) - options.position_threshold) * on_mesh_f
+            regularisers = regularisers + options.lambda_position * far_off.mean()
+        if options.lambda_opacity > 0:
+            regularisers = regularisers + options.lambda_opacity * opacities.mean()
+        return (proj.means2d, proj.conics, opacities, features, regularisers, proj.depths.detach(), proj.radii,
+                proj.tile_box, proj.visible)
+
+    return front
+
+
+def make_photometric(background: torch.Tensor, options) -> Callable:
+    """``photometric(composited, transmittance, image_u8, mask_u8)`` -> ``(loss, mse)``: the rasteriser's (1, H, W,
+    4) output and (1, H, W) transmittance against the frame (H, W, 3) uint8 and its mask (H, W) uint8, composited
+    over ``background``. ``mse`` (of the image, no gradient) is what the progress reports as PSNR."""
+    from ophav_gaussians.train import ssim
+
+    def photometric(composited, transmittance, image_u8, mask_u8):
+        image = composited[0, ..., :3] + transmittance[0, ..., None] * background
+        alpha = 1.0 - transmittance[0]
+        mask = mask_u8.float() / 255.0
+        target = torch.lerp(background, image_u8.float() / 255.0, mask[..., None])
+        loss = (1 - options.lambda_dssim) * (image - target).abs().mean()
+        if options.lambda_dssim > 0:
+            loss = loss + options.lambda_dssim * (1 - ssim(image, target))
+        loss = loss + options.lambda_alpha * (alpha - mask).abs().mean()
+        return loss, F.mse_loss(image.detach(), target)
+
+    return photometric
+
+
+def graphed(function: Callable, live: tuple[torch.Tensor, ...], staged: tuple[torch.Tensor, ...]) -> Callable:
+    """``function(*live, *staged)`` captured as CUDA graphs (forward and backward). ``live`` are the parameters
+    themselves: the graphs read them in place (Adam updates them in place), never a copy. ``staged`` are examples
+    of the per-call inputs: the graphs get their own leaf copies (with the same ``requires_grad``), into which each
+    call copies its inputs, so nothing of the caller's autograd graph or storage is held."""
+    inputs = tuple(live) + tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in staged)
+    return torch.cuda.make_graphed_callables(function, inputs, allow_unused_input=True)
