@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="dataset folder (frames/masks/tracking.npz)")
     parser.add_argument("--video", type=Path, default=None, help="video to preprocess when --work holds none")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--profile", default="standard", help="profile whose option defaults the training uses")
     parser.add_argument("--iterations", type=int, default=6500, help="the schedule's length (learning-rate decay, "
                         "densification window)")
     parser.add_argument("--warmup", type=int, default=3000)
@@ -108,7 +109,7 @@ def main() -> None:
     options = GaussianOptions(**{k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)})
     frames, masks, tracking = load_or_preprocess(args.video, args.work, args.size)
     train, _ = split(frames, masks, tracking, 10)
-    trainer, _ = build_trainer(options, "standard", *train, device, 0, resolve_backend("auto", device),
+    trainer, _ = build_trainer(options, args.profile, *train, device, 0, resolve_backend("auto", device),
                                args.iterations)
     started = time.perf_counter()
     for _ in range(args.warmup):

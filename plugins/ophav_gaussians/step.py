@@ -87,9 +87,37 @@ def make_photometric(background: torch.Tensor, options) -> Callable:
 
 
 def graphed(function: Callable, live: tuple[torch.Tensor, ...], staged: tuple[torch.Tensor, ...]) -> Callable:
-    """``function(*live, *staged)`` captured as CUDA graphs (forward and backward). ``live`` are the parameters
-    themselves: the graphs read them in place (Adam updates them in place), never a copy. ``staged`` are examples
-    of the per-call inputs: the graphs get their own leaf copies (with the same ``requires_grad``), into which each
-    call copies its inputs, so nothing of the caller's autograd graph or storage is held."""
-    inputs = tuple(live) + tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in staged)
-    return torch.cuda.make_graphed_callables(function, inputs, allow_unused_input=True)
+    """``function(*live, *staged)`` captured as CUDA graphs (forward and backward).
+
+    ``live`` are the parameters: the graphs read their storage in place (Adam updates it in place), through
+    leaves of their own that share it (``detach``), so the capture, which runs autograd on a side stream, never
+    touches the parameters' own gradient accumulators: those stay on the stream the training runs on, where
+    autograd would otherwise have to synchronise with the capture stream (and break a later capture). A call
+    passes the parameters themselves (same storage: nothing is copied) and their gradients arrive as usual.
+    ``staged`` are examples of the per-call inputs: the graphs get their own leaf copies (with the same
+    ``requires_grad``), into which each call copies its inputs, so nothing of the caller's autograd graph or
+    storage is held."""
+    def leaves() -> tuple[torch.Tensor, ...]:
+        return tuple(t.detach().requires_grad_(t.requires_grad) for t in live) + \
+            tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in staged)
+
+    # Warm up (Triton's compilation, cuBLAS's lazy set-up) on leaves of its own, then capture without
+    # make_graphed_callables' warm-up: some torch versions (2.11) keep its warm-up graph alive into the capture on
+    # another stream, and autograd's sync with that stale stream invalidates the capture.
+    warm = leaves()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            outputs = [o for o in function(*warm) if o.requires_grad]
+            torch.autograd.grad(outputs, [t for t in warm if t.requires_grad],
+                                [torch.ones_like(o) for o in outputs], allow_unused=True)
+    torch.cuda.current_stream().wait_stream(side)
+    del warm, outputs
+    torch.cuda.synchronize()
+    replay = torch.cuda.make_graphed_callables(function, leaves(), num_warmup_iters=0, allow_unused_input=True)
+    # The graphs read, by address, tensors that only ``function``'s closure owns (the regularisers' thresholds):
+    # the graphed callable does not hold ``function``, so it must, or that memory goes back to the allocator and
+    # the replays read whatever is put there next.
+    replay.function = function
+    return replay
