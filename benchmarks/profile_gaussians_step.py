@@ -6,8 +6,8 @@ One command (on the GPU machine; the dataset is made by ``bench_gaussians.py`` o
 
 1. Trains ``--warmup`` iterations of the standard schedule (so the Gaussian count and the SH degree are those of a
    real training at that point), then times ``--timed`` steps with only a synchronisation at the ends: it/s.
-2. Profiles ``--profiled`` more steps with ``torch.profiler`` and named ranges around the phases of a step (render,
-   losses, backward, optimizer, EMA, densification). Prints, per phase, the host time and the GPU time of the
+2. Profiles ``--profiled`` more steps with ``torch.profiler`` and named ranges around the phases of a step (loss,
+   backward, densification statistics, optimizer, EMA, densification). Prints, per phase, the host time and the GPU time of the
    kernels it launched, then the kernels by GPU time and the operators by host time; the GPU's busy share of the
    wall time (the kernels' time over the steps' wall time) says whether a step is bound by the GPU or by
    launching work on it. Writes ``profile.json`` (the tables) and ``trace.json`` (a Chrome trace) under ``--out``.
@@ -26,41 +26,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PHASES = ("render", "photometric", "regularisers", "backward", "accumulate", "optimizer", "ema", "densify")
+PHASES = ("loss", "backward", "accumulate", "optimizer", "ema", "densify")
 
 
 def instrumented_step(trainer, record):
-    """One ``Trainer.step`` with each phase in a named range (the same work, in the same order)."""
+    """One ``Trainer.step`` with each phase in a named range (the same calls, in the same order): with
+    ``cuda_graphs`` on (the default) the loss is the two graph replays around the rasteriser; with
+    ``--set cuda_graphs=false`` the same halves run op by op."""
     import torch
-    import torch.nn.functional as F
 
-    from ophav_gaussians import train as T
-
-    opt, scene = trainer.options, trainer.scene
+    opt = trainer.options
     trainer._set_learning_rates()
     trainer.optimizer.zero_grad(set_to_none=True)
     picks = torch.randint(0, len(trainer._usable), (opt.frames_per_batch,), generator=trainer.generator)
     for k in picks.tolist():
-        index = trainer._usable[k]
-        with record("render"):
-            out = trainer.render(index)
-            if out["means2d"].requires_grad:
-                out["means2d"].retain_grad()
-        with record("photometric"):
-            target, mask = scene.target(index, trainer.background)
-            image, alpha = out["image"][0], out["alpha"][0]
-            loss = (1 - opt.lambda_dssim) * (image - target).abs().mean()
-            if opt.lambda_dssim > 0:
-                loss = loss + opt.lambda_dssim * (1 - T.ssim(image, target))
-            loss = loss + opt.lambda_alpha * (alpha - mask).abs().mean()
-        with record("regularisers"):
-            p = trainer.params
-            on_mesh = trainer.fixed["parent"] >= 0
-            threshold = torch.where(on_mesh, opt.scale_threshold, opt.shell_scale_threshold)
-            loss = loss + opt.lambda_scale * F.relu(torch.exp(p["log_scale"]) - threshold[:, None]).mean()
-            loss = loss + opt.lambda_position * (F.relu(p["offset"].norm(dim=-1) - opt.position_threshold)
-                                                 * on_mesh).mean()
-            loss = loss + opt.lambda_opacity * torch.sigmoid(p["opacity"]).mean()
+        with record("loss"):
+            loss, _, out = trainer.loss(trainer._usable[k])
         with record("backward"):
             (loss / opt.frames_per_batch).backward()
         with record("accumulate"):
