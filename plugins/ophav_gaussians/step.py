@@ -70,7 +70,7 @@ def make_photometric(background: torch.Tensor, options) -> Callable:
     """``photometric(composited, transmittance, image_u8, mask_u8)`` -> ``(loss, mse)``: the rasteriser's (1, H, W,
     4) output and (1, H, W) transmittance against the frame (H, W, 3) uint8 and its mask (H, W) uint8, composited
     over ``background``. ``mse`` (of the image, no gradient) is what the progress reports as PSNR."""
-    from ophav_gaussians.train import ssim
+    from ophav_gaussians.losses import ssim
 
     def photometric(composited, transmittance, image_u8, mask_u8):
         image = composited[0, ..., :3] + transmittance[0, ..., None] * background

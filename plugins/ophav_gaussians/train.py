@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from ophav_core.stages.data import FrameSet, MaskSet, Tracking
 from ophav_gaussians.anchors import place_packed, quat_to_matrix, sh_colours, triangle_frames, triangle_pack
+from ophav_gaussians.losses import ssim
 from ophav_gaussians.model import LEARNT, Gaussians, sh_count
 from ophav_gaussians.options import GaussianOptions
 
@@ -97,26 +99,6 @@ def render_views(g: Gaussians, opacity: torch.Tensor, faces: torch.Tensor, shell
 
 
 # ---------------------------------------------------------------------------------------------- losses
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32, device=device) - size // 2
-    w = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return w / w.sum()
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM of two (H, W, 3) images in [0, 1] (11x11 Gaussian window, sigma 1.5)."""
-    x, y = a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None]
-    w = _gaussian_window(device=a.device)
-    kx, ky = w.view(1, 1, 1, -1).repeat(15, 1, 1, 1), w.view(1, 1, -1, 1).repeat(15, 1, 1, 1)
-    # The five blurred maps in one pair of separable convolutions (a training step is launch-bound).
-    stack = F.pad(torch.cat([x, y, x * x, y * y, x * y], 1), (5, 5, 5, 5), mode="replicate")
-    mx, my, exx, eyy, exy = F.conv2d(F.conv2d(stack, kx, groups=15), ky, groups=15).split(3, 1)
-    sxx, syy, sxy = exx - mx * mx, eyy - my * my, exy - mx * my
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return value.mean()
 
 
 def psnr(mse: float) -> float:
@@ -252,7 +234,13 @@ class Trainer:
         if self._graphs:
             from ophav_gaussians.step import graphed
 
-            function = graphed(function, live, staged)
+            try:
+                function = graphed(function, live, staged)
+            except RuntimeError as error:  # a capture this torch or driver refuses: the same step, op by op
+                warnings.warn(f"gaussians: CUDA graph capture failed ({str(error).splitlines()[0]}); training "
+                              f"continues without graphs", RuntimeWarning, stacklevel=2)
+                self._graphs = False
+                self._halves.clear()
         self._halves[name] = (key, function)
         return function
 
