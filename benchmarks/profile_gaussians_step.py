@@ -31,8 +31,8 @@ PHASES = ("loss", "backward", "accumulate", "optimizer", "ema", "densify")
 
 def instrumented_step(trainer, record):
     """One ``Trainer.step`` with each phase in a named range (the same calls, in the same order): with
-    ``cuda_graphs`` on (the default) the loss is the two graph replays around the rasteriser; with
-    ``--set cuda_graphs=false`` the same halves run op by op."""
+    ``--set cuda_graphs=true`` the loss is the two graph replays around the rasteriser; without, the step
+    through ``render_views``."""
     import torch
 
     opt = trainer.options

@@ -1,7 +1,7 @@
 """The triton training step as two dense halves around the rasteriser, each of which can be one CUDA graph.
 
 A training step at the standard profile launched ~375 kernels for ~3 ms of GPU work (H200, 30k Gaussians, 512x512):
-it was bound by the host issuing them, the GPU busy a fifth of the time (``benchmarks/profile_gaussians_step.py``,
+it was bound by the host issuing them, the GPU busy about a third of the time (``benchmarks/profile_gaussians_step.py``,
 benchmarks/RESULTS.md). Between two densifications everything but the tile binning has fixed shapes:
 
 * the *front* (placing the Gaussians on the frame's triangles, their SH colours, the fused projection, the

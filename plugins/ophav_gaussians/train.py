@@ -144,6 +144,10 @@ class Scene:
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+class _GraphsOff(Exception):
+    """A CUDA graph capture failed: the step goes through :func:`render_views` from now on."""
+
+
 class Trainer:
     """One optimisation of the Gaussians on a :class:`Scene` (options resolved for the profile)."""
 
@@ -175,10 +179,10 @@ class Trainer:
         self.background = background_rgb(options.background, self.device)
         self.step_count = 0
         self._usable = scene.usable.tolist()  # on the host: picking a frame never syncs
-        # The triton step in two dense halves (ophav_gaussians.step), as CUDA graphs where they can be: one frame
-        # a step (with more, a graph's gradient buffers would be overwritten before they are summed).
-        self._split = backend == "triton"
-        self._graphs = (self._split and options.cuda_graphs and self.device.type == "cuda"
+        # With graphs on: the triton step in two dense halves (ophav_gaussians.step), each a CUDA graph. One frame a
+        # step only (with more, a graph's gradient buffers would be overwritten before they are summed). Off, or
+        # where a capture fails, the step goes through render_views as it always has.
+        self._graphs = (backend == "triton" and options.cuda_graphs and self.device.type == "cuda"
                         and options.frames_per_batch == 1)
         self._halves: dict[str, tuple] = {}
         self._reset_stats()
@@ -222,7 +226,12 @@ class Trainer:
     def loss(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss, photometric MSE, the rasteriser's output: at least ``means2d`` with its gradient retained and
         ``radii``) of frame ``index``, with gradients."""
-        return self._loss_split(index) if self._split else self._loss_rendered(index)
+        if self._graphs:
+            try:
+                return self._loss_split(index)
+            except _GraphsOff:
+                pass
+        return self._loss_rendered(index)
 
     def _half(self, name: str, build, live: tuple, staged: tuple, key: tuple):
         """The ``name`` half of the step for the Gaussians as they are (``key``), captured as CUDA graphs when
@@ -236,17 +245,19 @@ class Trainer:
 
             try:
                 function = graphed(function, live, staged)
-            except RuntimeError as error:  # a capture this torch or driver refuses: the same step, op by op
+            except RuntimeError as error:  # a capture this torch or driver refuses: the step as it always was
                 warnings.warn(f"gaussians: CUDA graph capture failed ({str(error).splitlines()[0]}); training "
-                              f"continues without graphs", RuntimeWarning, stacklevel=2)
+                              f"continues without graphs", RuntimeWarning, stacklevel=3)
                 self._graphs = False
                 self._halves.clear()
+                raise _GraphsOff from error
         self._halves[name] = (key, function)
         return function
 
     def _loss_split(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """:meth:`_loss_rendered` for the triton rasteriser, as front (graph), binning and compositing (eager),
-        photometric (graph): the same arithmetic in about a tenth of the launches."""
+        """:meth:`_loss_rendered` for the triton rasteriser, as front, binning and compositing (eager) and
+        photometric: with graphs on, the halves are CUDA graph replays (the same arithmetic in about a tenth of
+        the launches); off, the same halves op by op (what the CPU test compares with :meth:`_loss_rendered`)."""
         from ophav_gaussians.raster.projection import Projection, bin_gaussians
         from ophav_gaussians.raster.triton_kernels import rasterize_triton
         from ophav_gaussians.step import make_front, make_photometric
