@@ -321,7 +321,7 @@ def split_step_agreement(device: str, graphs: bool, frames_checked: tuple[int, .
             trainer.grad_count.fill_(1.0)
         trainer.densify_and_prune()
     found["gaussians"] = len(trainer)
-    found["graphed"] = trainer._graphs  # False where a capture failed and the step fell back to op by op
+    found["graphed"] = trainer._graphs  # False where a capture failed (training then goes through render_views)
     return found
 
 
