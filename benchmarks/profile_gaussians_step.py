@@ -7,8 +7,8 @@ One command (on the GPU machine; the dataset is made by ``bench_gaussians.py`` o
 1. Trains ``--warmup`` iterations of the standard schedule (so the Gaussian count and the SH degree are those of a
    real training at that point), then times ``--timed`` steps with only a synchronisation at the ends: it/s.
 2. Profiles ``--profiled`` more steps with ``torch.profiler`` and named ranges around the phases of a step (loss,
-   backward, densification statistics, optimizer, EMA, densification). Prints, per phase, the host time and the GPU time of the
-   kernels it launched, then the kernels by GPU time and the operators by host time; the GPU's busy share of the
+   densification statistics, optimizer, EMA, densification; the rest is the backward). Prints, per phase, the
+   host time and the GPU time of the kernels it launched, then the kernels by GPU time and the operators by host time; the GPU's busy share of the
    wall time (the kernels' time over the steps' wall time) says whether a step is bound by the GPU or by
    launching work on it. Writes ``profile.json`` (the tables) and ``trace.json`` (a Chrome trace) under ``--out``.
 
@@ -26,37 +26,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PHASES = ("loss", "backward", "accumulate", "optimizer", "ema", "densify")
+PHASES = ("loss", "accumulate", "optimizer", "ema", "densify")
 
 
-def instrumented_step(trainer, record):
-    """One ``Trainer.step`` with each phase in a named range (the same calls, in the same order): with
-    ``--set cuda_graphs=true`` the loss is the two graph replays around the rasteriser; without, the step
-    through ``render_views``."""
-    import torch
+def instrument(trainer, record) -> None:
+    """Put the phases of ``trainer.step()`` in named ranges: its loss (with graphs on, ``--set
+    cuda_graphs=true``, the two graph replays around the rasteriser; otherwise the step through ``render_views``),
+    the densification statistics, Adam, the EMA and densification. What a step spends outside them is the
+    backward."""
+    def wrapped(owner, name: str, phase: str) -> None:
+        method = getattr(owner, name)
 
-    opt = trainer.options
-    trainer._set_learning_rates()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    picks = torch.randint(0, len(trainer._usable), (opt.frames_per_batch,), generator=trainer.generator)
-    for k in picks.tolist():
-        with record("loss"):
-            loss, _, out = trainer.loss(trainer._usable[k])
-        with record("backward"):
-            (loss / opt.frames_per_batch).backward()
-        with record("accumulate"):
-            trainer._accumulate(out)
-    with record("optimizer"):
-        trainer.optimizer.step()
-    trainer.step_count += 1
-    with record("ema"):
-        trainer._update_ema()
-    until = int(opt.densify_until * trainer.total)
-    if opt.densify_from <= trainer.step_count < until and trainer.step_count % opt.densify_every == 0:
-        with record("densify"):
-            trainer.densify_and_prune()
-    if trainer.degree < trainer.max_degree and trainer.step_count % opt.sh_every == 0:
-        trainer.degree += 1
+        def call(*args, **kwargs):
+            with record(phase):
+                return method(*args, **kwargs)
+
+        setattr(owner, name, call)
+
+    for name, phase in (("loss", "loss"), ("_accumulate", "accumulate"), ("_update_ema", "ema"),
+                        ("densify_and_prune", "densify")):
+        wrapped(trainer, name, phase)
+    wrapped(trainer.optimizer, "step", "optimizer")
 
 
 def main() -> None:
@@ -106,12 +96,13 @@ def main() -> None:
     plain = args.timed / (time.perf_counter() - started)
     print(f"timed: {plain:.1f} it/s over {args.timed} steps", flush=True)
 
+    instrument(trainer, record_function)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         sync()
         wall_start = time.perf_counter()
         for _ in range(args.profiled):
             with record_function("step"):
-                instrumented_step(trainer, record_function)
+                trainer.step()
         sync()
         wall = time.perf_counter() - wall_start
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,14 +130,15 @@ def main() -> None:
                 if r["ts"] <= launch["ts"] <= r["ts"] + r["dur"]:
                     phase = r["name"]
                     break
-            else:  # autograd's backward runs on its own thread, outside the range's thread
+            else:  # outside every phase: the backward (autograd runs it on its own thread on CUDA)
                 phase = "backward"
         gpu[phase] += k["dur"]
         count[phase] += 1
     busy = sum(k["dur"] for k in kernels) / 1e6
+    host["backward"] = host["step"] - sum(host[p] for p in PHASES)  # the step's host time outside the phases
     rows = [{"phase": p, "host_ms_per_step": round(host[p] / 1e3 / args.profiled, 3),
              "gpu_ms_per_step": round(gpu[p] / 1e3 / args.profiled, 3),
-             "kernels_per_step": round(count[p] / args.profiled, 1)} for p in PHASES + ("other",)]
+             "kernels_per_step": round(count[p] / args.profiled, 1)} for p in PHASES + ("backward", "other")]
     print(f"profiled: {args.profiled} steps in {wall:.3f} s ({args.profiled / wall:.1f} it/s under the profiler); "
           f"GPU busy {busy:.3f} s = {100 * busy / wall:.0f}% of the wall; "
           f"{len(kernels) / args.profiled:.0f} kernels a step", flush=True)

@@ -240,28 +240,27 @@ def fused_place_agreement(device: str) -> dict:
     return found
 
 
-FUSED_PLACE_CHECK = """
-import sys
-sys.path[:0] = [{tests!r}, {plugins!r}]
-from test_gaussians import fused_place_agreement
-print(fused_place_agreement("cpu"))
-"""
+def in_the_interpreter(call: str) -> dict:
+    """``call`` (an expression on this module's functions) run in a fresh Python with ``TRITON_INTERPRET=1``: the
+    triton kernels on the CPU. Returns the dict it prints."""
+    import ast
+    import os
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    script = (f"import sys\nsys.path[:0] = [{str(tests)!r}, {str(tests.parent / 'plugins')!r}]\n"
+              f"import test_gaussians\nprint(test_gaussians.{call})\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
 def test_fused_placement_and_colour_match_the_torch_ops_in_the_interpreter():
     """The render path's one-launch placement + SH colour (triton, no gradients) against the PyTorch functions
     training uses, float32 bounds: positions and rotations 1e-5 (unit-sized), scales 1e-5 relative, colours 1e-5."""
     pytest.importorskip("triton")
-    import ast
-    import os
-    from pathlib import Path
-
-    tests = Path(__file__).parent
-    script = FUSED_PLACE_CHECK.format(tests=str(tests), plugins=str(tests.parent / "plugins"))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    found = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    found = in_the_interpreter('fused_place_agreement("cpu")')
     assert found["branches"] == 4, found
     assert found["means"] <= 1e-5 and found["quats"] <= 1e-5 and found["scales"] <= 1e-5, found
     assert found["colours"] <= 1e-5, found
@@ -325,29 +324,12 @@ def split_step_agreement(device: str, graphs: bool, frames_checked: tuple[int, .
     return found
 
 
-SPLIT_STEP_CHECK = """
-import sys
-sys.path[:0] = [{tests!r}, {plugins!r}]
-from test_gaussians import split_step_agreement
-print(split_step_agreement("cpu", False, (0, 5), 1))
-"""
-
-
 def test_the_split_training_step_is_the_rendered_one_in_the_interpreter():
     """The two-halves step that CUDA graphs replay computes the same loss and gradients as the plain one (the
     triton kernels on the CPU through the interpreter; two frames, no densification, to keep it to seconds);
     float32 bound 1e-5 relative to each tensor's largest."""
     pytest.importorskip("triton")
-    import ast
-    import os
-    from pathlib import Path
-
-    tests = Path(__file__).parent
-    script = SPLIT_STEP_CHECK.format(tests=str(tests), plugins=str(tests.parent / "plugins"))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    found = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    found = in_the_interpreter('split_step_agreement("cpu", False, (0, 5), 1)')
     assert found["captured"] == 2, found
     assert max(found["loss"], found["mse"], found["grads"], found["means2d"]) <= 1e-5, found
 

@@ -146,6 +146,27 @@ def place_packed(pack: torch.Tensor, parent: torch.Tensor, bary: torch.Tensor, a
     return means, quats, size * torch.exp(log_scale)
 
 
+def view_matrices(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """(B, 4, 4) world (head space) -> camera: the head pose."""
+    out = torch.zeros(rotation.shape[0], 4, 4, dtype=torch.float32, device=rotation.device)
+    out[:, :3, :3], out[:, :3, 3], out[:, 3, 3] = rotation, translation, 1.0
+    return out
+
+
+def camera_centres(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """(B, 3) the cameras' centres in head space, ``-R^T t``."""
+    return -torch.einsum("bji,bj->bi", rotation, translation)
+
+
+def rasteriser_intrinsics(Ks: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) ``Ks`` for the rasteriser: ophav's pixel centres are at integer coordinates, the rasteriser's at
+    +0.5, so the principal point moves by half a pixel."""
+    Ks = Ks.clone()
+    Ks[:, 0, 2] += 0.5
+    Ks[:, 1, 2] += 0.5
+    return Ks
+
+
 def mean_triangle_size(vertices: torch.Tensor, faces: torch.Tensor) -> float:
     return float(triangle_frames(vertices, faces)[1].mean())
 

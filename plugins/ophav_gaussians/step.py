@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ophav_gaussians.anchors import place_packed, sh_colours
+from ophav_gaussians.anchors import camera_centres, place_packed, rasteriser_intrinsics, sh_colours, view_matrices
+from ophav_gaussians.losses import add_regularisers, composited_target, photometric_loss
 
 
 def make_front(parent: torch.Tensor, bary: torch.Tensor, anchor: torch.Tensor, degree: int, width: int,
@@ -31,35 +32,20 @@ def make_front(parent: torch.Tensor, bary: torch.Tensor, anchor: torch.Tensor, d
     ``(means2d, conics, opacities, features, regularisers, depths, radii, tile_box, visible)`` for one view
     (``pack`` the frame's :func:`~ophav_gaussians.anchors.triangle_pack`, the pose (1, 3, 3) and (1, 3), K (1, 3, 3)
     in ophav's pixel convention). ``features`` are RGB and camera depth (the compositing kernels' four channels);
-    the returned ``depths`` carry no gradient (they only order the binning)."""
+    the returned ``depths`` carry no gradient (they only order the binning). The function holds ``parent``,
+    ``bary`` and ``anchor``, which the graphs read by address."""
     from ophav_gaussians.raster.triton_kernels import project_gaussians_triton_autograd
-
-    on_mesh = parent >= 0
-    threshold = torch.where(on_mesh, options.scale_threshold, options.shell_scale_threshold)[:, None]
-    on_mesh_f = on_mesh.to(torch.float32)
 
     def front(offset, rotation, log_scale, opacity_logit, sh, pack, rotation_pose, translation, K):
         means, quats, scales = place_packed(pack, parent, bary, anchor, offset, rotation, log_scale)
-        centres = -torch.einsum("bji,bj->bi", rotation_pose, translation)
-        colours = sh_colours(sh, means, centres, degree)
+        colours = sh_colours(sh, means, camera_centres(rotation_pose, translation), degree)
         opacities = torch.sigmoid(opacity_logit)
-        viewmats = torch.zeros(1, 4, 4, dtype=torch.float32, device=means.device)
-        viewmats[:, :3, :3], viewmats[:, :3, 3], viewmats[:, 3, 3] = rotation_pose, translation, 1.0
-        # ophav's pixel centres are at integer coordinates, the rasteriser's at +0.5 (as render_views).
-        Ks = K.clone()
-        Ks[:, 0, 2] += 0.5
-        Ks[:, 1, 2] += 0.5
-        proj = project_gaussians_triton_autograd(means, quats, scales, opacities, viewmats, Ks, width, height,
-                                                 near, far)
+        proj = project_gaussians_triton_autograd(means, quats, scales, opacities,
+                                                 view_matrices(rotation_pose, translation),
+                                                 rasteriser_intrinsics(K), width, height, near, far)
         features = torch.cat([colours, proj.depths[..., None]], dim=-1)
-        regularisers = torch.zeros((), device=means.device)
-        if options.lambda_scale > 0:
-            regularisers = regularisers + options.lambda_scale * F.relu(torch.exp(log_scale) - threshold).mean()
-        if options.lambda_position > 0:
-            far_off = F.relu(offset.norm(dim=-1) - options.position_threshold) * on_mesh_f
-            regularisers = regularisers + options.lambda_position * far_off.mean()
-        if options.lambda_opacity > 0:
-            regularisers = regularisers + options.lambda_opacity * opacities.mean()
+        regularisers = add_regularisers(torch.zeros((), device=means.device), log_scale, offset, opacities,
+                                        parent >= 0, options)
         return (proj.means2d, proj.conics, opacities, features, regularisers, proj.depths.detach(), proj.radii,
                 proj.tile_box, proj.visible)
 
@@ -70,17 +56,11 @@ def make_photometric(background: torch.Tensor, options) -> Callable:
     """``photometric(composited, transmittance, image_u8, mask_u8)`` -> ``(loss, mse)``: the rasteriser's (1, H, W,
     4) output and (1, H, W) transmittance against the frame (H, W, 3) uint8 and its mask (H, W) uint8, composited
     over ``background``. ``mse`` (of the image, no gradient) is what the progress reports as PSNR."""
-    from ophav_gaussians.losses import ssim
 
     def photometric(composited, transmittance, image_u8, mask_u8):
         image = composited[0, ..., :3] + transmittance[0, ..., None] * background
-        alpha = 1.0 - transmittance[0]
-        mask = mask_u8.float() / 255.0
-        target = torch.lerp(background, image_u8.float() / 255.0, mask[..., None])
-        loss = (1 - options.lambda_dssim) * (image - target).abs().mean()
-        if options.lambda_dssim > 0:
-            loss = loss + options.lambda_dssim * (1 - ssim(image, target))
-        loss = loss + options.lambda_alpha * (alpha - mask).abs().mean()
+        target, mask = composited_target(image_u8, mask_u8, background)
+        loss = photometric_loss(image, 1.0 - transmittance[0], target, mask, options)
         return loss, F.mse_loss(image.detach(), target)
 
     return photometric
@@ -116,8 +96,8 @@ def graphed(function: Callable, live: tuple[torch.Tensor, ...], staged: tuple[to
     del warm, outputs
     torch.cuda.synchronize()
     replay = torch.cuda.make_graphed_callables(function, leaves(), num_warmup_iters=0, allow_unused_input=True)
-    # The graphs read, by address, tensors that only ``function``'s closure owns (the regularisers' thresholds):
-    # the graphed callable does not hold ``function``, so it must, or that memory goes back to the allocator and
-    # the replays read whatever is put there next.
+    # The graphs read, by address, tensors that ``function``'s closure holds: the graphed callable does not hold
+    # ``function``, so it must, or memory only the closure owns goes back to the allocator and the replays read
+    # whatever is put there next.
     replay.function = function
     return replay

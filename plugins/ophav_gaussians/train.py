@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ophav_core.stages.data import FrameSet, MaskSet, Tracking
-from ophav_gaussians.anchors import place_packed, quat_to_matrix, sh_colours, triangle_frames, triangle_pack
-from ophav_gaussians.losses import ssim
+from ophav_gaussians.anchors import (camera_centres, place_packed, quat_to_matrix, rasteriser_intrinsics, sh_colours,
+                                     triangle_frames, triangle_pack, view_matrices)
+from ophav_gaussians.losses import add_regularisers, composited_target, photometric_loss
 from ophav_gaussians.model import LEARNT, Gaussians, sh_count
 from ophav_gaussians.options import GaussianOptions
 
@@ -53,18 +54,6 @@ def unposed_vertices(vertices_cam: np.ndarray, rotation: np.ndarray, translation
     return np.einsum("nji,nvj->nvi", rotation.astype(np.float32), local).astype(np.float32)
 
 
-def view_matrices(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """(B, 4, 4) world (head space) -> camera: the head pose."""
-    out = torch.zeros(rotation.shape[0], 4, 4, dtype=torch.float32, device=rotation.device)
-    out[:, :3, :3], out[:, :3, 3], out[:, 3, 3] = rotation, translation, 1.0
-    return out
-
-
-def camera_centres(rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
-    """(B, 3) the cameras' centres in head space, ``-R^T t``."""
-    return -torch.einsum("bji,bj->bi", rotation, translation)
-
-
 def _needs_grad(g: Gaussians, mesh: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (mesh.requires_grad or any(t.requires_grad for t in g.tensors().values()))
 
@@ -90,12 +79,8 @@ def render_views(g: Gaussians, opacity: torch.Tensor, faces: torch.Tensor, shell
             means, quats, scales = g.place(mesh, faces, shell_unit)
         colours = sh_colours(g.sh, means, centres, degree)
     width, height = size
-    # ophav's pixel centres are at integer coordinates, the rasteriser's at +0.5: shift the principal point.
-    Ks = Ks.clone()
-    Ks[:, 0, 2] += 0.5
-    Ks[:, 1, 2] += 0.5
-    return _rasterise(backend, means, quats, scales, opacity, colours, view_matrices(rotation, translation), Ks,
-                      int(width), int(height), background=background, near=NEAR, far=FAR)
+    return _rasterise(backend, means, quats, scales, opacity, colours, view_matrices(rotation, translation),
+                      rasteriser_intrinsics(Ks), int(width), int(height), background=background, near=NEAR, far=FAR)
 
 
 # ---------------------------------------------------------------------------------------------- losses
@@ -137,8 +122,7 @@ class Scene:
 
     def target(self, index: int, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(H, W, 3) frame composited over the background with its mask, in [0, 1], and the (H, W) mask."""
-        alpha = self.masks[index].float() / 255.0
-        return torch.lerp(background, self.images[index].float() / 255.0, alpha[..., None]), alpha
+        return composited_target(self.images[index], self.masks[index], background)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -285,27 +269,14 @@ class Trainer:
 
     def _loss_rendered(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The loss through :func:`render_views` (every backend)."""
-        opt = self.options
         out = self.render(index)
         if out["means2d"].requires_grad:
             out["means2d"].retain_grad()
         target, mask = self.scene.target(index, self.background)
         image, alpha = out["image"][0], out["alpha"][0]
-        l1 = (image - target).abs().mean()
-        loss = (1 - opt.lambda_dssim) * l1
-        if opt.lambda_dssim > 0:
-            loss = loss + opt.lambda_dssim * (1 - ssim(image, target))
-        loss = loss + opt.lambda_alpha * (alpha - mask).abs().mean()
         p = self.params
-        on_mesh = self.fixed["parent"] >= 0
-        if opt.lambda_scale > 0:
-            threshold = torch.where(on_mesh, opt.scale_threshold, opt.shell_scale_threshold)
-            loss = loss + opt.lambda_scale * F.relu(torch.exp(p["log_scale"]) - threshold[:, None]).mean()
-        if opt.lambda_position > 0:
-            far = F.relu(p["offset"].norm(dim=-1) - opt.position_threshold) * on_mesh
-            loss = loss + opt.lambda_position * far.mean()
-        if opt.lambda_opacity > 0:
-            loss = loss + opt.lambda_opacity * torch.sigmoid(p["opacity"]).mean()
+        loss = add_regularisers(photometric_loss(image, alpha, target, mask, self.options), p["log_scale"],
+                                p["offset"], torch.sigmoid(p["opacity"]), self.fixed["parent"] >= 0, self.options)
         return loss, F.mse_loss(image.detach(), target), out
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
