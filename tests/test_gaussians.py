@@ -371,11 +371,16 @@ def test_the_shell_is_seeded_on_the_masks_hull_outside_the_face(head):
 # ---------------------------------------------------------------------------------------------- CPU compositing
 
 
-def test_sparse_compositing_matches_the_reference_rasteriser():
-    """The CPU pair compositing gives the reference's images, alpha, depth and gradients (means, quaternions,
-    scales, opacities, colours and the screen-space means) within float32 rounding."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "numba"])
+def test_sparse_compositing_matches_the_reference_rasteriser(compiled):
+    """The CPU pair compositing, in PyTorch and as Numba loops, gives the reference's images, alpha, depth and
+    gradients (means, quaternions, scales, opacities, colours and the screen-space means) within float32
+    rounding."""
     from ophav_gaussians.raster import render_gaussians
-    from ophav_gaussians.sparse import render_gaussians_sparse
+    from ophav_gaussians.sparse import compiled_available, render_gaussians_sparse
+
+    if compiled and not compiled_available():
+        pytest.skip("numba is not installed")
 
     gen = torch.Generator().manual_seed(0)
     n = 200
@@ -383,6 +388,7 @@ def test_sparse_compositing_matches_the_reference_rasteriser():
     quats, colours = torch.randn(n, 4, generator=gen), torch.rand(n, 3, generator=gen)
     scales = torch.rand(n, 3, generator=gen) * 0.3 + 0.02
     opacities = torch.rand(n, generator=gen) * 0.9 + 0.05
+    opacities[:20] = 0.999  # alpha clamped at 0.99 near their centres
     view = torch.eye(4)[None].repeat(2, 1, 1)
     view[1, 0, 3] = 0.3
     K = torch.tensor([[40.0, 0, 24], [0, 40, 20], [0, 0, 1]])[None].repeat(2, 1, 1)
@@ -395,7 +401,7 @@ def test_sparse_compositing_matches_the_reference_rasteriser():
         return out, [t.grad for t in inputs] + [out["means2d"].grad]
 
     ref, ref_grads = run(lambda *a, **k: render_gaussians(*a, backend="torch", **k))
-    out, grads = run(render_gaussians_sparse)
+    out, grads = run(lambda *a, **k: render_gaussians_sparse(*a, compiled=compiled, **k))
     assert ref["alpha"].max() > 0.9  # the scene covers pixels fully
     for key, tol in (("image", 1e-5), ("alpha", 1e-5), ("depth", 1e-3)):
         assert (out[key] - ref[key]).abs().max() < tol, key
@@ -469,6 +475,84 @@ def test_continuing_needs_the_same_topology_and_iterations_follow_the_profile(tm
     frames2, masks2 = render_synthetic(other)
     with pytest.raises(UsageError, match="expression"):
         field.fit(frames2, masks2, other, tmp_path / "c.ckpt", init=first, iterations=1)
+
+
+# ---------------------------------------------------------------------------------------------- the mouth pocket
+
+
+def test_the_mouth_pocket_replaces_mediapipes_opening_with_a_fan_behind_the_lips():
+    from ophav_gaussians.mouth import BACK, mouth_pocket
+    from ophav_mediapipe.mesh import topology
+
+    topo = topology()
+    faces, loop, canonical = topo.faces.astype(np.int64), topo.groups["lips_inner"], topo.template.astype(np.float64)
+    on_loop = np.isin(faces, loop)
+    opening = on_loop.all(axis=1)
+    assert opening.sum() > 0  # MediaPipe's mesh spans the opening with a strip between the lips
+    pocket = mouth_pocket(faces, loop, canonical, depth=0.5)
+    assert len(pocket.faces) == len(faces) - opening.sum() + len(loop) and pocket.pocket_faces == len(loop)
+    kept = pocket.faces[:-len(loop)]
+    assert not np.isin(kept, loop).all(axis=1).any()  # no triangle left across the opening
+    assert np.array_equal(np.sort(kept, 1), np.sort(faces[~opening], 1))  # every other triangle kept as it was
+    extended = pocket.extend(canonical)
+    assert extended.shape == (len(canonical) + 1, 3) and np.array_equal(extended[:-1], canonical)
+    width = np.linalg.norm(canonical[pocket.corners[0]] - canonical[pocket.corners[1]])
+    assert np.allclose(extended[-1], canonical[loop].mean(0) + 0.5 * width * BACK)
+    fan = extended[pocket.faces[-len(loop):]]
+    normals = np.cross(fan[:, 1] - fan[:, 0], fan[:, 2] - fan[:, 0])
+    assert (normals @ BACK < 0).all()  # facing out of the pocket, as the face's triangles face the camera
+    # It follows the lips: the lower lip down by a quarter of the mouth's width moves the back point down by half
+    # that (the contour's centroid; the width is the same) and keeps it behind.
+    opened = canonical.copy()
+    lower = loop[canonical[loop, 1] > canonical[loop, 1].mean()]
+    opened[lower, 1] += 0.25 * width
+    moved = pocket.extend(opened)[-1] - extended[-1]
+    assert np.allclose(moved, [0.0, 0.25 * width * len(lower) / len(loop), 0.0], atol=1e-9)
+    as_torch = pocket.extend(torch.as_tensor(np.stack([canonical, opened])))
+    assert torch.allclose(as_torch[1], torch.as_tensor(pocket.extend(opened)))
+    assert mouth_pocket(faces, None, canonical, 0.5) is None
+
+
+def _with_mouth(tracking):
+    """The synthetic head with an inner-lip contour at its front, below the middle: the six vertices around two
+    quads (four triangles), which play MediaPipe's mouth-opening strip."""
+    import dataclasses
+
+    rings, segments = 12, 16
+    vertex = lambda ring, j: 1 + (ring - 1) * segments + j % segments  # noqa: E731 (ellipsoid_mesh's layout)
+    loop = np.array([vertex(7, -1), vertex(7, 0), vertex(7, 1), vertex(8, 1), vertex(8, 0), vertex(8, -1)])
+    assert len(tracking.canonical_vertices) == 2 + (rings - 1) * segments
+    return dataclasses.replace(tracking, semantic={**tracking.semantic, "lips_inner": loop})
+
+
+def test_the_field_trains_renders_continues_and_reloads_with_the_mouth_pocket(tmp_path, head):
+    from ophav_gaussians.field import GaussianField, read_checkpoint
+
+    tracking, frames, masks = head
+    mouthed = _with_mouth(tracking)
+    field = _field()
+    ckpt = field.fit(frames, masks, mouthed, tmp_path / "a.ckpt", iterations=5)
+    raw = read_checkpoint(ckpt.path)
+    assert raw["options"]["mouth_pocket"] is True
+    faces = GaussianField({}, contracts.tiny_context())._loaded(ckpt.path).faces
+    assert len(faces) == len(tracking.faces) - 4 + 6
+    parent = raw["gaussians"]["parent"]
+    assert ((parent >= len(faces) - 6) & (parent < len(faces))).sum() >= 6  # Gaussians inside the mouth
+    request = RenderRequest.from_tracking(mouthed, np.array([1, 2]))
+    first = field.render(ckpt, request)
+    assert np.isfinite(first.depth).all() and (first.alpha > 0.5).any()
+    again = field.fit(frames, masks, mouthed, tmp_path / "b.ckpt", init=ckpt, iterations=2)
+    assert len(GaussianField({}, contracts.tiny_context())._loaded(again.path).faces) == len(faces)
+    # Trained without it, a checkpoint keeps the tracker's triangles, also when it predates the option.
+    plain = _field(mouth_pocket=False).fit(frames, masks, mouthed, tmp_path / "c.ckpt", iterations=5)
+    before = _field().render(plain, request)
+    old = torch.load(plain.path, weights_only=True)
+    del old["options"]["mouth_pocket"], old["options"]["mouth_depth"]
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = GaussianField({}, contracts.tiny_context())
+    assert len(loaded._loaded(tmp_path / "old.ckpt").faces) == len(tracking.faces)
+    after = loaded.render(loaded.load(tmp_path / "old.ckpt"), request)
+    assert np.array_equal(before.rgb, after.rgb)
 
 
 def _trainer(head, **options):

@@ -40,6 +40,7 @@ class _Loaded:
     degree: int
     background: str
     template: Tracking
+    extend: Any  # a tracked mesh -> the vertices ``faces`` index (FieldMesh.extend)
 
 
 class GaussianField(AvatarField):
@@ -125,11 +126,14 @@ class GaussianField(AvatarField):
         ckpt = read_checkpoint(path)
         template = tracking_from_tensors(ckpt["template"])
         g = Gaussians.from_state(ckpt["gaussians"], device)
+        mesh = field_mesh(template, trained_options(ckpt))
+        if int(g.parent.max()) >= len(mesh.faces):
+            raise InvalidData(f"{path}: its Gaussians sit on triangles its mesh does not have")
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
-        loaded = _Loaded(g, torch.sigmoid(g.opacity), torch.as_tensor(template.faces.astype(np.int64), device=device),
+        loaded = _Loaded(g, torch.sigmoid(g.opacity), torch.as_tensor(mesh.faces, device=device),
                          f32(template.canonical_vertices), f32(template.expression_basis),
                          float(ckpt["shell_unit"]), int(ckpt["sh_degree"]),
-                         str(ckpt["options"].get("background", "white")), template)
+                         str(ckpt["options"].get("background", "white")), template, mesh.extend)
         self._cache = {key: loaded}  # one avatar at a time: a new checkpoint frees the previous one
         return loaded
 
@@ -156,7 +160,7 @@ class GaussianField(AvatarField):
         with torch.no_grad():
             for start, stop in _groups(request.expression, self.options.render_batch):
                 expression = f32(request.expression[start])
-                mesh = model.canonical + torch.einsum("e,evc->vc", expression, model.basis)
+                mesh = model.extend(model.canonical + torch.einsum("e,evc->vc", expression, model.basis))
                 out = render_views(model.gaussians, model.opacity, model.faces, model.shell_unit, mesh,
                                    f32(request.rotation[start:stop]), f32(request.translation[start:stop]),
                                    f32(request.K[start:stop]), (width, height), background, model.degree, backend)
@@ -203,21 +207,55 @@ def build_trainer(options: GaussianOptions, profile: str, frames: FrameSet, mask
         gaussians = Gaussians.from_state(ckpt["gaussians"])
         shell_unit, head_size = float(ckpt["shell_unit"]), float(ckpt["head_size"])
         start_degree = int(ckpt["sh_degree"])
-        trained = GaussianOptions(**{k: v for k, v in ckpt["options"].items() if k in GaussianOptions.model_fields})
-        opt = opt.model_copy(update={"sh_degree": max(trained.sh_degree or 0, opt.sh_degree)})
+        trained = trained_options(ckpt)
+        # The Gaussians' triangles are the checkpoint's: its SH degree at least, and its mouth.
+        opt = opt.model_copy(update={"sh_degree": max(trained.sh_degree or 0, opt.sh_degree),
+                                     "mouth_pocket": trained.mouth_pocket, "mouth_depth": trained.mouth_depth})
         previous = dict(ckpt["info"])
-    else:
+    mesh = field_mesh(tracking, opt)
+    if init_path is None:
         rng = np.random.default_rng([seed, 17])
-        gaussians, shell_unit = initial_gaussians(frames.frames, masks, tracking, unposed, opt.per_face,
+        gaussians, shell_unit = initial_gaussians(frames.frames, masks, tracking, mesh.extend(unposed), opt.per_face,
                                                   opt.shell_gaussians, opt.carve_resolution, opt.carve_tolerance,
-                                                  opt.sh_degree, rng)
+                                                  opt.sh_degree, rng, faces=mesh.faces, interior=mesh.interior)
         head_size = head_box(tracking.canonical_vertices, unposed, tracking.mesh_type)[2]
+    if int(gaussians.parent.max()) >= len(mesh.faces):
+        raise InvalidData(f"{init_path}: its Gaussians sit on triangles this mesh does not have")
     torch.manual_seed(seed)
-    scene = Scene.build(frames, masks, tracking, device)
-    trainer = Trainer(opt, gaussians, torch.as_tensor(tracking.faces.astype(np.int64)),
-                      torch.as_tensor(tracking.canonical_vertices), shell_unit, head_size, scene, device, seed,
-                      iterations, backend, start_degree)
+    scene = Scene.build(frames, masks, tracking, device, extend=mesh.extend)
+    trainer = Trainer(opt, gaussians, torch.as_tensor(mesh.faces), torch.as_tensor(mesh.extend(tracking.canonical_vertices)),
+                      shell_unit, head_size, scene, device, seed, iterations, backend, start_degree)
     return trainer, previous
+
+
+@dataclass(frozen=True)
+class FieldMesh:
+    """The triangles the Gaussians sit on and how to build the vertices they index from a tracked mesh: the
+    tracker's own, or with the mouth pocket (:mod:`ophav_gaussians.mouth`) in place of the mouth opening."""
+
+    faces: np.ndarray  # (F', 3) int64
+    interior: np.ndarray | None  # (F',) bool: triangles inside the mouth, or None
+    pocket: Any
+
+    def extend(self, vertices):
+        return vertices if self.pocket is None else self.pocket.extend(vertices)
+
+
+def field_mesh(tracking: Tracking, options: GaussianOptions) -> FieldMesh:
+    from ophav_gaussians.mouth import mouth_pocket
+
+    pocket = mouth_pocket(tracking.faces, tracking.semantic.get("lips_inner"), tracking.canonical_vertices,
+                          options.mouth_depth) if options.mouth_pocket else None
+    if pocket is None:
+        return FieldMesh(np.asarray(tracking.faces, np.int64), None, None)
+    return FieldMesh(pocket.faces, pocket.interior(), pocket)
+
+
+def trained_options(ckpt: dict[str, Any]) -> GaussianOptions:
+    """The options a checkpoint was trained with. A checkpoint from before the mouth pocket has none."""
+    stored = {k: v for k, v in ckpt["options"].items() if k in GaussianOptions.model_fields}
+    stored.setdefault("mouth_pocket", False)
+    return GaussianOptions(**stored)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint

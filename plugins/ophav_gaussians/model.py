@@ -191,29 +191,37 @@ def sample_colours(points: list[np.ndarray], frames: np.ndarray, masks: np.ndarr
 
 def initial_gaussians(frames: np.ndarray, masks: MaskSet, tracking: Tracking, unposed: np.ndarray, per_face: int,
                       shell_count: int, carve_resolution: int, carve_tolerance: float, sh_degree: int,
-                      rng: np.random.Generator) -> tuple[Gaussians, float]:
-    """The starting Gaussians (CPU) and the shell's length unit (the canonical mesh's mean triangle size):
-    ``per_face`` on every triangle (the first at its centroid, the others at random barycentric points), half a
-    triangle wide, and the shell's on the visual hull (:func:`carve_shell`), half a voxel wide; opacity 0.1; colour
-    the mean of the pixels they project to."""
-    faces = torch.as_tensor(tracking.faces.astype(np.int64))
-    canonical = torch.as_tensor(tracking.canonical_vertices)
-    unit = mean_triangle_size(canonical, faces)
-    num_faces = len(tracking.faces)
+                      rng: np.random.Generator, faces: np.ndarray | None = None,
+                      interior: np.ndarray | None = None) -> tuple[Gaussians, float]:
+    """The starting Gaussians (CPU) and the shell's length unit (the tracker's canonical mesh's mean triangle
+    size): ``per_face`` on every triangle of ``faces`` (default the tracker's; indices into ``unposed``'s
+    vertices) (the first at its centroid, the others at random barycentric points), half a triangle wide, and the
+    shell's on the visual hull (:func:`carve_shell`), half a voxel wide; opacity 0.1; colour the mean of the
+    pixels they project to, except on the ``interior`` triangles (the inside of the mouth, hidden in most
+    frames), which start dark red."""
+    unit = mean_triangle_size(torch.as_tensor(tracking.canonical_vertices),
+                              torch.as_tensor(tracking.faces.astype(np.int64)))
+    faces = np.asarray(tracking.faces if faces is None else faces, np.int64)
+    num_faces = len(faces)
     parent = np.repeat(np.arange(num_faces), per_face)
     bary = np.full((len(parent), 3), 1.0 / 3.0)
     if per_face > 1:
         extra = np.arange(len(parent)) % per_face != 0
         cuts = np.sort(rng.uniform(size=(int(extra.sum()), 2)), axis=1)
         bary[extra] = np.stack([cuts[:, 0], cuts[:, 1] - cuts[:, 0], 1 - cuts[:, 1]], 1)
-    shell, voxel = carve_shell(tracking, masks, unposed, carve_resolution, carve_tolerance, shell_count, rng) \
+    tracked = unposed[:, :tracking.vertices.shape[1]]  # without the points the field appends (the mouth pocket's)
+    shell, voxel = carve_shell(tracking, masks, tracked, carve_resolution, carve_tolerance, shell_count, rng) \
         if shell_count > 0 else (np.zeros((0, 3), np.float32), unit)
     n_face, n_shell = len(parent), len(shell)
     views = _views(len(tracking))
-    face_points = [(bary[:, :, None] * unposed[i][tracking.faces[parent]]).sum(1) for i in views]
+    face_points = [(bary[:, :, None] * unposed[i][faces[parent]]).sum(1) for i in views]
     colours = np.concatenate([sample_colours(face_points, frames, masks.alpha, tracking),
                               sample_colours([shell], frames, masks.alpha, tracking)]) if n_shell else \
         sample_colours(face_points, frames, masks.alpha, tracking)
+    if interior is not None:
+        from ophav_gaussians.mouth import INTERIOR_RGB
+
+        colours[:n_face][interior[parent]] = INTERIOR_RGB
     n = n_face + n_shell
     log_scale = np.concatenate([np.full((n_face, 3), math.log(0.5 / math.sqrt(per_face))),
                                 np.full((n_shell, 3), math.log(max(0.5 * voxel, 1e-6) / unit))])

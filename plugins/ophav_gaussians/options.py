@@ -44,6 +44,11 @@ class GaussianOptions(BaseModel):
                                          "that seeds the shell")
     carve_tolerance: float = Field(0.1, ge=0, lt=1, description="fraction of the views that may see a hull voxel "
                                    "outside the mask (segmentation noise)")
+    mouth_pocket: bool = Field(True, description="replace the mesh's mouth-opening triangles with a pocket behind "
+                               "the lips (a fan from the inner-lip contour to a point behind it), so an opened "
+                               "mouth shows an inside instead of stretched Gaussians (ophav_gaussians.mouth)")
+    mouth_depth: float = Field(0.5, gt=0, le=2, description="depth of the mouth pocket behind the lips, in mouth "
+                               "widths")
     sh_degree: int | None = Field(None, ge=0, le=3, description="highest spherical-harmonics degree of the colour "
                                   "(reached progressively)")
     sh_every: int | None = Field(None, ge=1, description="iterations between SH degree increases")
@@ -84,8 +89,8 @@ class GaussianOptions(BaseModel):
                             "pruned")
     # ---- execution
     backend: Literal["auto", "torch", "triton", "sparse", "gsplat"] = Field(
-        "auto", description="rasteriser: auto = triton on CUDA, sparse (per Gaussian-pixel pair, PyTorch) on the "
-        "CPU; torch = the tile reference; gsplat when importable")
+        "auto", description="rasteriser: auto = triton on CUDA, sparse (per Gaussian-pixel pair: compiled loops "
+        "when Numba is installed, else PyTorch) on the CPU; torch = the tile reference; gsplat when importable")
     cuda_graphs: bool = Field(False, description="on CUDA with the triton rasteriser and one frame a step: replay "
                               "the training step's parts before and after the rasteriser as CUDA graphs, captured "
                               "again after each densification (the same arithmetic; about twice the iterations/s "

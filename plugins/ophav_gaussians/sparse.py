@@ -13,6 +13,8 @@ positive, and a pixel stops at the first Gaussian that would take its transmitta
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from ophav_gaussians.raster.projection import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN, Projection, project_gaussians
@@ -48,8 +50,23 @@ def _pairs(proj: Projection, opacities: torch.Tensor, b: int, width: int, height
         return pick(vis), py * width + px
 
 
-def composite_sparse(proj: Projection, opacities: torch.Tensor, features: torch.Tensor, width: int, height: int):
-    """(B, H, W, C) composited features and (B, H, W) final transmittance, like the reference rasteriser."""
+def compiled_available() -> bool:
+    """Whether the compiled pair compositing (:mod:`ophav_gaussians.numba_compositing`) can run: Numba imports."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def composite_sparse(proj: Projection, opacities: torch.Tensor, features: torch.Tensor, width: int, height: int,
+                     compiled: bool | None = None):
+    """(B, H, W, C) composited features and (B, H, W) final transmittance, like the reference rasteriser.
+
+    ``compiled``: the same pairs and rules walked by Numba loops (:mod:`ophav_gaussians.numba_compositing`);
+    ``None`` = when Numba is installed."""
+    if compiled is None:
+        compiled = compiled_available()
+    if compiled:
+        from ophav_gaussians.numba_compositing import composite_numba
+
+        return composite_numba(proj, opacities, features, width, height)
     batch = proj.depths.shape[0]
     channels = features.shape[-1]
     device, dtype = proj.means2d.device, proj.means2d.dtype
@@ -104,8 +121,9 @@ def composite_sparse(proj: Projection, opacities: torch.Tensor, features: torch.
 
 
 def render_gaussians_sparse(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                            background=None, near=0.01, far=100.0):
-    """:func:`ophav_gaussians.raster.render_gaussians`'s interface and outputs, composited pair by pair."""
+                            background=None, near=0.01, far=100.0, compiled: bool | None = None):
+    """:func:`ophav_gaussians.raster.render_gaussians`'s interface and outputs, composited pair by pair
+    (``compiled``: see :func:`composite_sparse`)."""
     batch, num = viewmats.shape[0], means.shape[0]
     if colors.dim() == 2:
         colors = colors.expand(batch, num, colors.shape[-1])
@@ -118,7 +136,7 @@ def render_gaussians_sparse(means, quats, scales, opacities, colors, viewmats, K
     if proj.means2d.requires_grad:
         proj.means2d.retain_grad()
     features = torch.cat([colors, proj.depths[..., None]], dim=-1)
-    composited, transmittance = composite_sparse(proj, opacities, features, width, height)
+    composited, transmittance = composite_sparse(proj, opacities, features, width, height, compiled)
     alpha = 1.0 - transmittance
     image = composited[..., :3] + transmittance[..., None] * background[:, None, None, :]
     depth = composited[..., 3] / alpha.clamp(min=1e-10)

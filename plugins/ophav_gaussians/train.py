@@ -107,13 +107,15 @@ class Scene:
     usable: torch.Tensor
 
     @classmethod
-    def build(cls, frames: FrameSet, masks: MaskSet, tracking: Tracking, device) -> "Scene":
+    def build(cls, frames: FrameSet, masks: MaskSet, tracking: Tracking, device, extend=None) -> "Scene":
+        """``extend``: what makes the field's vertices of a tracked mesh (the mouth pocket's point appended)."""
+        extend = extend or (lambda vertices: vertices)
         n = len(tracking)
         usable = np.arange(n) if tracking.valid is None or not tracking.valid.any() else np.flatnonzero(tracking.valid)
         t = lambda a, dt=torch.float32: torch.as_tensor(np.ascontiguousarray(a), dtype=dt).to(device)  # noqa: E731
         return cls(t(frames.frames, torch.uint8), t(np.rint(masks.alpha * 255.0).astype(np.uint8), torch.uint8),
                    t(tracking.rotation), t(tracking.translation), t(np.broadcast_to(tracking.K, (n, 3, 3))),
-                   t(unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation)),
+                   t(extend(unposed_vertices(tracking.vertices, tracking.rotation, tracking.translation))),
                    t(usable, torch.int64))
 
     @property
