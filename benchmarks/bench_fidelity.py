@@ -104,10 +104,13 @@ def cmd_render(args: argparse.Namespace) -> None:
         name = path.stem
         run_dir = Path(args.work) / f"{args.label}-{name}"
         started = time.perf_counter()
-        api.run(path, run_dir, profile=args.profile, device=args.device, resume=run_dir.exists(), quiet=True,
-                sets=args.set)
+        manifest_path = run_dir / "manifest.json"
+        finished = manifest_path.is_file() and json.loads(manifest_path.read_text()).get("status") == "done"
+        if not finished:  # a finished run is rendered as it is, whatever the options given now
+            api.run(path, run_dir, profile=args.profile, device=args.device, resume=run_dir.exists(), quiet=True,
+                    sets=args.set, field=args.field)
         timings[name] = {"run_seconds": round(time.perf_counter() - started, 1)}
-        manifest = json.loads((run_dir / "manifest.json").read_text())
+        manifest = json.loads(manifest_path.read_text())
         timings[name]["steps"] = {k: v.get("seconds") for k, v in manifest.get("steps", {}).items()}
         for checks in sorted(run_dir.glob("round*/checks.json")):
             kept = json.loads(checks.read_text())["kept"]
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--label", required=True, help="before / after / ...: names the runs and output files")
     r.add_argument("--set", action="append", default=[], help="KEY=VALUE passed to ophav run")
+    r.add_argument("--field", default=None, help="AvatarField component (ophav run --field); default the config's")
     r.add_argument("--size", type=int, default=None, help="render resolution (default: the avatar's)")
     r.add_argument("--driver-stride", type=int, default=DRIVER_STRIDE,
                    help="render every Nth driver frame (9 keeps a 256x256 suite under the device's 16 MiB a file)")

@@ -410,6 +410,26 @@ def test_sparse_compositing_matches_the_reference_rasteriser(compiled):
         assert ((a - b).abs().max() / b.abs().max()) < 1e-4
 
 
+def test_a_failed_compilation_falls_back_to_the_pytorch_compositing(monkeypatch):
+    """Where Numba cannot compile the loops, a warning says so and the PyTorch pairs composite, from then on."""
+    numba_compositing = pytest.importorskip("ophav_gaussians.numba_compositing")
+    from ophav_gaussians import sparse
+
+    def broken(*args, **kwargs):
+        raise numba_compositing.NumbaError("no LLVM here")
+
+    monkeypatch.setattr(numba_compositing, "composite_numba", broken)
+    monkeypatch.setattr(sparse, "_COMPILE_FAILED", [])
+    means = torch.tensor([[0.0, 0.0, 5.0], [0.3, 0.1, 6.0]])
+    args = (means, torch.tensor([[1.0, 0, 0, 0]] * 2), torch.full((2, 3), 0.5), torch.tensor([0.8, 0.6]),
+            torch.rand(2, 3), torch.eye(4)[None], torch.tensor([[[20.0, 0, 8], [0, 20, 8], [0, 0, 1]]]), 16, 16)
+    with pytest.warns(RuntimeWarning, match="no LLVM here"):
+        out = sparse.render_gaussians_sparse(*args)
+    assert not sparse.compiled_available()
+    plain = sparse.render_gaussians_sparse(*args, compiled=False)
+    assert torch.equal(out["image"], plain["image"]) and out["alpha"].max() > 0.5
+
+
 # ---------------------------------------------------------------------------------------------- the component
 
 

@@ -127,7 +127,7 @@ class GaussianField(AvatarField):
         template = tracking_from_tensors(ckpt["template"])
         g = Gaussians.from_state(ckpt["gaussians"], device)
         mesh = field_mesh(template, trained_options(ckpt))
-        if int(g.parent.max()) >= len(mesh.faces):
+        if len(g) and int(g.parent.max()) >= len(mesh.faces):
             raise InvalidData(f"{path}: its Gaussians sit on triangles its mesh does not have")
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)  # noqa: E731
         loaded = _Loaded(g, torch.sigmoid(g.opacity), torch.as_tensor(mesh.faces, device=device),
@@ -219,12 +219,13 @@ def build_trainer(options: GaussianOptions, profile: str, frames: FrameSet, mask
                                                   opt.shell_gaussians, opt.carve_resolution, opt.carve_tolerance,
                                                   opt.sh_degree, rng, faces=mesh.faces, interior=mesh.interior)
         head_size = head_box(tracking.canonical_vertices, unposed, tracking.mesh_type)[2]
-    if int(gaussians.parent.max()) >= len(mesh.faces):
+    if len(gaussians) and int(gaussians.parent.max()) >= len(mesh.faces):
         raise InvalidData(f"{init_path}: its Gaussians sit on triangles this mesh does not have")
     torch.manual_seed(seed)
     scene = Scene.build(frames, masks, tracking, device, extend=mesh.extend)
-    trainer = Trainer(opt, gaussians, torch.as_tensor(mesh.faces), torch.as_tensor(mesh.extend(tracking.canonical_vertices)),
-                      shell_unit, head_size, scene, device, seed, iterations, backend, start_degree)
+    canonical = torch.as_tensor(mesh.extend(tracking.canonical_vertices))
+    trainer = Trainer(opt, gaussians, torch.as_tensor(mesh.faces), canonical, shell_unit, head_size, scene, device,
+                      seed, iterations, backend, start_degree)
     return trainer, previous
 
 

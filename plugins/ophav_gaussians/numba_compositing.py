@@ -19,6 +19,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from numba.core.errors import NumbaError  # noqa: F401 (what a failed compilation raises; sparse.py catches it)
 
 from ophav_gaussians.raster.projection import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN, Projection
 

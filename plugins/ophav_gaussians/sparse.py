@@ -14,6 +14,7 @@ positive, and a pixel stops at the first Gaussian that would take its transmitta
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -50,9 +51,19 @@ def _pairs(proj: Projection, opacities: torch.Tensor, b: int, width: int, height
         return pick(vis), py * width + px
 
 
+_COMPILE_FAILED: list[str] = []  # why Numba could not compile the loops, once it has failed in this process
+
+
+def _compiled_failed(exc: Exception) -> None:
+    _COMPILE_FAILED.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"gaussians: the compiled CPU compositing is unusable ({_COMPILE_FAILED[-1]:.200}); compositing "
+                  "in PyTorch instead, at about half the speed", RuntimeWarning, stacklevel=3)
+
+
 def compiled_available() -> bool:
-    """Whether the compiled pair compositing (:mod:`ophav_gaussians.numba_compositing`) can run: Numba imports."""
-    return importlib.util.find_spec("numba") is not None
+    """Whether the compiled pair compositing (:mod:`ophav_gaussians.numba_compositing`) can run: Numba imports
+    (and has not failed to compile the loops in this process)."""
+    return not _COMPILE_FAILED and importlib.util.find_spec("numba") is not None
 
 
 def composite_sparse(proj: Projection, opacities: torch.Tensor, features: torch.Tensor, width: int, height: int,
@@ -60,13 +71,20 @@ def composite_sparse(proj: Projection, opacities: torch.Tensor, features: torch.
     """(B, H, W, C) composited features and (B, H, W) final transmittance, like the reference rasteriser.
 
     ``compiled``: the same pairs and rules walked by Numba loops (:mod:`ophav_gaussians.numba_compositing`);
-    ``None`` = when Numba is installed."""
+    ``None`` = when Numba is installed. Where Numba cannot compile them, a warning says so once and PyTorch
+    composites from then on."""
     if compiled is None:
         compiled = compiled_available()
     if compiled:
-        from ophav_gaussians.numba_compositing import composite_numba
-
-        return composite_numba(proj, opacities, features, width, height)
+        try:
+            from ophav_gaussians.numba_compositing import NumbaError, composite_numba
+        except ImportError as exc:  # Numba installed but unusable here (a NumPy it does not support, say)
+            _compiled_failed(exc)
+        else:
+            try:
+                return composite_numba(proj, opacities, features, width, height)
+            except NumbaError as exc:
+                _compiled_failed(exc)
     batch = proj.depths.shape[0]
     channels = features.shape[-1]
     device, dtype = proj.means2d.device, proj.means2d.dtype
