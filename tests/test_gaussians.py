@@ -531,6 +531,8 @@ def test_the_mouth_pocket_replaces_mediapipes_opening_with_a_fan_behind_the_lips
     as_torch = pocket.extend(torch.as_tensor(np.stack([canonical, opened])))
     assert torch.allclose(as_torch[1], torch.as_tensor(pocket.extend(opened)))
     assert mouth_pocket(faces, None, canonical, 0.5) is None
+    # A contour carried over from another topology may repeat a vertex: one fan triangle per distinct edge.
+    assert np.array_equal(mouth_pocket(faces, np.repeat(loop, 2), canonical, 0.5).faces, pocket.faces)
 
 
 def _with_mouth(tracking):

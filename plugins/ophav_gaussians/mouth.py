@@ -61,9 +61,14 @@ def mouth_pocket(faces: np.ndarray, lips_inner: np.ndarray | None, canonical: np
     """The pocket for a mesh of ``faces`` (F, 3) and neutral shape ``canonical`` (V, 3) whose inner-lip contour
     is ``lips_inner`` (an ordered closed loop of vertex indices, the topology's semantic group of that name), or
     ``None`` where there is none."""
-    if lips_inner is None or len(lips_inner) < 3:
+    if lips_inner is None:
         return None
     loop = np.asarray(lips_inner, np.int64)
+    # A group carried over from another topology (the flame tracker's: the nearest vertex of each MediaPipe
+    # landmark) can name a vertex twice in a row: one fan triangle per distinct edge.
+    loop = loop[loop != np.roll(loop, 1)] if len(loop) > 1 else loop
+    if len(np.unique(loop)) < 3:
+        return None
     faces = np.asarray(faces, np.int64)
     canonical = np.asarray(canonical, np.float64)
     num_vertices = canonical.shape[0]
