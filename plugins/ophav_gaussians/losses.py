@@ -2,8 +2,6 @@
 (:mod:`ophav_gaussians.step`), so both compute the same arithmetic in the same order."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -48,17 +46,11 @@ def photometric_loss(image: torch.Tensor, alpha: torch.Tensor, target: torch.Ten
 
 def add_regularisers(loss: torch.Tensor, log_scale: torch.Tensor, offset: torch.Tensor, opacities: torch.Tensor,
                      on_mesh: torch.Tensor, options) -> torch.Tensor:
-    """``loss`` plus the penalties on the parameters: scales above their threshold (triangle or shell), a longest
-    axis more than needle_ratio times the second, offsets farther than position_threshold from the parent
-    triangle, and the mean opacity."""
+    """``loss`` plus the penalties on the parameters: scales above their threshold (triangle or shell), offsets
+    farther than position_threshold from the parent triangle, and the mean opacity."""
     if options.lambda_scale > 0:
         threshold = torch.where(on_mesh, options.scale_threshold, options.shell_scale_threshold)
         loss = loss + options.lambda_scale * F.relu(torch.exp(log_scale) - threshold[:, None]).mean()
-    if options.lambda_needle > 0:
-        # Needles: a largest axis much longer than the second. From the training views they pass for hair
-        # strands; turned, they are the stray streaks beside the head.
-        longest, second = log_scale.topk(2, dim=1).values.unbind(1)
-        loss = loss + options.lambda_needle * F.relu(longest - second - math.log(options.needle_ratio)).mean()
     if options.lambda_position > 0:
         far = F.relu(offset.norm(dim=-1) - options.position_threshold) * on_mesh
         loss = loss + options.lambda_position * far.mean()

@@ -69,9 +69,6 @@ class GaussianOptions(BaseModel):
     scale_threshold: float = Field(0.6, gt=0, description="largest unpenalised scale, in triangle sizes")
     shell_scale_threshold: float = Field(3.0, gt=0, description="the same for shell Gaussians, in mean triangle "
                                          "sizes")
-    lambda_needle: float = Field(0.0, ge=0, description="weight of the penalty on needles: the log of a Gaussian's "
-                                 "longest axis over its second, beyond needle_ratio")
-    needle_ratio: float = Field(4.0, ge=1, description="longest over second-longest axis allowed unpenalised")
     lambda_position: float = Field(1e-2, ge=0, description="weight of the penalty on offsets farther than "
                                    "position_threshold from the parent triangle")
     position_threshold: float = Field(1.0, gt=0, description="largest unpenalised offset, in triangle sizes")
