@@ -23,7 +23,7 @@ DEFAULT_COMPONENTS = {
     "image2video": "meshwarp",
     "segmenter": "mediapipe",
     "tracker": "mediapipe",
-    "field": "insta",
+    "field": "gaussians",
     "restorer": "reference",
 }
 

@@ -288,7 +288,7 @@ def split_step_agreement(device: str, graphs: bool, frames_checked: tuple[int, .
     from ophav_gaussians.model import LEARNT
     from ophav_gaussians.options import GaussianOptions
 
-    tracking = synthetic_tracking(8, 32)
+    tracking = _with_mouth(synthetic_tracking(8, 32))  # with a mouth pocket: its point is a vertex appended
     frames, masks = render_synthetic(tracking)
     options = GaussianOptions(cuda_graphs=graphs, sh_degree=1)
     trainer, _ = build_trainer(options, "tiny", frames, masks, tracking, device, 0, "triton", 100)
