@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BACK = np.array([0.0, 0.0, 1.0])  # head space: +z points away from the camera at rest (into the head)
-# The inside of a mouth where the coarse video never showed it: dark red (linear RGB in [0, 1]).
+# The inside of a mouth where the coarse video never showed it: dark red (image RGB in [0, 1]).
 INTERIOR_RGB = (0.25, 0.1, 0.1)
 
 
