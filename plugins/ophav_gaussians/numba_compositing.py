@@ -136,22 +136,14 @@ def _backward(starts, ends, ids, final, grad_out, grad_final, means, conics, opa
 
 
 def _boxes(proj: Projection, opacities: torch.Tensor, b: int, width: int, height: int):
-    """Camera ``b``'s visible Gaussians front to back (stable in depth) and each one's inclusive pixel box:
-    the pixel centres where its alpha can reach 1/255 (:func:`ophav_gaussians.sparse._pairs`' box)."""
+    """Camera ``b``'s visible Gaussians front to back (stable in depth) and the pixel box of every Gaussian
+    (:func:`ophav_gaussians.sparse.pixel_boxes`; indexed by Gaussian, only the visible ones' are read)."""
+    from ophav_gaussians.sparse import pixel_boxes
+
     vis = torch.nonzero(proj.visible[b]).squeeze(1)
     order = vis[torch.sort(proj.depths[b].detach().index_select(0, vis), stable=True).indices]
-    mx, my = proj.means2d[b].detach().unbind(-1)
-    conic = proj.conics[b].detach()
-    det = (conic[:, 0] * conic[:, 2] - conic[:, 1] ** 2).clamp_min(1e-20)
-    cov_a, cov_c = conic[:, 2] / det, conic[:, 0] / det
-    extent = torch.sqrt(2.0 * torch.log((opacities.detach() / ALPHA_MIN).clamp(min=1.0)))
-    hx, hy = extent * cov_a.sqrt(), extent * cov_c.sqrt()
-    x0 = torch.ceil(mx - hx - 0.5).clamp(0, width - 1)
-    x1 = torch.floor(mx + hx - 0.5).clamp(-1, width - 1)
-    y0 = torch.ceil(my - hy - 0.5).clamp(0, height - 1)
-    y1 = torch.floor(my + hy - 0.5).clamp(-1, height - 1)
-    as_int = lambda t: t.to(torch.int64).numpy()  # noqa: E731
-    return order.numpy(), as_int(x0), as_int(x1), as_int(y0), as_int(y1)
+    every = torch.arange(proj.depths.shape[1])
+    return (order.numpy(),) + tuple(t.numpy() for t in pixel_boxes(proj, opacities, b, every, width, height))
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

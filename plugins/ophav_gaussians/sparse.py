@@ -21,13 +21,10 @@ import torch
 from ophav_gaussians.raster.projection import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN, Projection, project_gaussians
 
 
-def _pairs(proj: Projection, opacities: torch.Tensor, b: int, width: int, height: int):
-    """(gaussian ids, pixel ids) of camera ``b``'s pairs whose pixel centre lies in the Gaussian's box."""
+def pixel_boxes(proj: Projection, opacities: torch.Tensor, b: int, vis: torch.Tensor, width: int, height: int):
+    """Inclusive pixel boxes (x0, x1, y0, y1, int64) of camera ``b``'s Gaussians ``vis``: the pixel centres where
+    each one's alpha can reach 1/255. Empty (x1 < x0 or y1 < y0) where none can."""
     with torch.no_grad():
-        vis = torch.nonzero(proj.visible[b]).squeeze(1)
-        if vis.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=proj.depths.device)
-            return empty, empty
         mx, my = proj.means2d[b, vis].detach().unbind(-1)
         conic = proj.conics[b, vis].detach()
         det = (conic[:, 0] * conic[:, 2] - conic[:, 1] ** 2).clamp_min(1e-20)
@@ -39,6 +36,17 @@ def _pairs(proj: Projection, opacities: torch.Tensor, b: int, width: int, height
         x1 = torch.floor(mx + hx - 0.5).clamp(-1, width - 1).long()
         y0 = torch.ceil(my - hy - 0.5).clamp(0, height - 1).long()
         y1 = torch.floor(my + hy - 0.5).clamp(-1, height - 1).long()
+        return x0, x1, y0, y1
+
+
+def _pairs(proj: Projection, opacities: torch.Tensor, b: int, width: int, height: int):
+    """(gaussian ids, pixel ids) of camera ``b``'s pairs whose pixel centre lies in the Gaussian's box."""
+    with torch.no_grad():
+        vis = torch.nonzero(proj.visible[b]).squeeze(1)
+        if vis.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=proj.depths.device)
+            return empty, empty
+        x0, x1, y0, y1 = pixel_boxes(proj, opacities, b, vis, width, height)
         wx, wy = (x1 - x0 + 1).clamp_min(0), (y1 - y0 + 1).clamp_min(0)
         counts = wx * wy
         total = int(counts.sum())
