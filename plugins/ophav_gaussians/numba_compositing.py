@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from numba.core.errors import NumbaError  # noqa: F401 (what a failed compilation raises; sparse.py catches it)
 
-from ophav_gaussians.raster.projection import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN, Projection
+from ophav_gaussians.raster.projection import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN, Projection, pixel_boxes
 
 
 F32 = np.float32
@@ -137,9 +137,8 @@ def _backward(starts, ends, ids, final, grad_out, grad_final, means, conics, opa
 
 def _boxes(proj: Projection, opacities: torch.Tensor, b: int, width: int, height: int):
     """Camera ``b``'s visible Gaussians front to back (stable in depth) and the pixel box of every Gaussian
-    (:func:`ophav_gaussians.sparse.pixel_boxes`; indexed by Gaussian, only the visible ones' are read)."""
-    from ophav_gaussians.sparse import pixel_boxes
-
+    (:func:`~ophav_gaussians.raster.projection.pixel_boxes`; indexed by Gaussian, only the visible ones' are
+    read)."""
     vis = torch.nonzero(proj.visible[b]).squeeze(1)
     order = vis[torch.sort(proj.depths[b].detach().index_select(0, vis), stable=True).indices]
     every = torch.arange(proj.depths.shape[1])

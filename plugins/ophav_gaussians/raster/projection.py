@@ -103,6 +103,24 @@ def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width: int,
     return Projection(means2d, conics, z, radii, tile_box, visible)
 
 
+def pixel_boxes(proj: Projection, opacities: torch.Tensor, b: int, vis: torch.Tensor, width: int, height: int):
+    """Inclusive pixel boxes (x0, x1, y0, y1, int64) of camera ``b``'s Gaussians ``vis``: the pixel centres where
+    each one's alpha can reach 1/255. Empty (x1 < x0 or y1 < y0) where none can."""
+    with torch.no_grad():
+        mx, my = proj.means2d[b, vis].detach().unbind(-1)
+        conic = proj.conics[b, vis].detach()
+        det = (conic[:, 0] * conic[:, 2] - conic[:, 1] ** 2).clamp_min(1e-20)
+        cov_a, cov_c = conic[:, 2] / det, conic[:, 0] / det  # the conic's inverse: the 2D covariance diagonal
+        # beyond this many sigma opacity * exp(-m^2 / 2) < 1/255 (the projection's bound)
+        extent = torch.sqrt(2.0 * torch.log((opacities.detach()[vis] / ALPHA_MIN).clamp(min=1.0)))
+        hx, hy = extent * cov_a.sqrt(), extent * cov_c.sqrt()
+        x0 = torch.ceil(mx - hx - 0.5).clamp(0, width - 1).long()
+        x1 = torch.floor(mx + hx - 0.5).clamp(-1, width - 1).long()
+        y0 = torch.ceil(my - hy - 0.5).clamp(0, height - 1).long()
+        y1 = torch.floor(my + hy - 0.5).clamp(-1, height - 1).long()
+        return x0, x1, y0, y1
+
+
 @dataclass
 class TileLists:
     """Gaussian-tile intersections sorted by (camera, tile, depth)."""
