@@ -15,7 +15,10 @@ What is rendered for each avatar (its round-0 fit and its final avatar), at the 
   relative motion as ``ophav render --driver``;
 * ``extreme``: benchmarks/extreme_expressions.yaml (full intensities combined), coefficients scaled by 1.5.
 
-The driver frames are saved once (``drivers.npz``) for the mouth-opening correlation. Each avatar's renders are
+Each render keeps its alpha and its tracked head region (the projected mesh's hull grown by the hair/neck band,
+as ``ophav eval`` derives it), so ``score`` reports both floater figures: ``floaters max`` (the share of the image
+with alpha above 0.05 outside that region, issue 15's criterion) and ``detached alpha max`` (alpha not connected
+to the head's opaque blob, which also counts soft hair edges). The driver frames are saved once (``drivers.npz``) for the mouth-opening correlation. Each avatar's renders are
 ``fid_<label>_<portrait>.npz`` (the views) plus a ``fidpart_*`` file per other stage/suite beside it (a device
 call returns at most 8 files of 16 MiB; bring one portrait's standard-profile suite back per call), which
 ``score`` and ``sheet`` merge: pass them the ``fid_*`` files.
@@ -51,6 +54,15 @@ def view_grid() -> tuple[np.ndarray, np.ndarray]:
     return yaw, pitch
 
 
+def head_regions(template, request) -> np.ndarray:
+    """uint8 (N, H, W): 1 inside each render's tracked head region (the projected mesh's hull grown by the
+    hair/neck band), where ``ophav eval``'s floaters metric allows alpha."""
+    from ophav_core.pipeline import animate
+    from ophav_core.study.evaluation import tracked_head_region
+
+    return tracked_head_region(animate.tracking_for_request(template, request)).astype(np.uint8)
+
+
 def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, device: str,
                  size: int | None = None) -> dict[str, np.ndarray]:
     """Every view of the suite for one avatar: {suite/rgb, suite/alpha} arrays (uint8)."""
@@ -73,6 +85,7 @@ def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, devi
         out[f"{name}/rgb"] = result.rgb
         out[f"{name}/alpha"] = np.rint(result.alpha * 255).astype(np.uint8)
         out[f"{name}/seconds"] = np.float32(time.perf_counter() - started)
+        out[f"{name}/region"] = head_regions(template, request)
 
     resolution = (size, size) if size else None
     yaw, pitch = view_grid()
@@ -158,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("files", nargs="+")
     t.add_argument("--out", required=True)
     t.add_argument("--stage", default="final", choices=("fit", "final"))
+    t.add_argument("--alpha", action="store_true", help="under each run's row, its views' alpha times 4")
     t.set_defaults(func=cmd_sheet)
     args = parser.parse_args(argv)
     args.func(args)
@@ -243,13 +257,18 @@ def score_suite(data, stage: str, portrait: np.ndarray, drivers: dict[str, np.nd
     for band in (30, 45, 60):
         inside = flat & (np.abs(yaw) <= band)
         row[f"detect_{band}"] = float(scored["detected_once"][inside].mean())
-    inside = flat & (np.abs(yaw) <= 45)
-    ident = scored["identity"][inside]
-    row["identity_45_mean"] = _nanmean(ident)
-    row["identity_45_max"] = float(np.nanmax(ident)) if np.isfinite(ident).any() else float("nan")
+    for band in (30, 45):  # issue 15: the standard profile within ±45°, the preview within ±30°
+        ident = scored["identity"][flat & (np.abs(yaw) <= band)]
+        row[f"identity_{band}_mean"] = _nanmean(ident)
+        row[f"identity_{band}_max"] = float(np.nanmax(ident)) if np.isfinite(ident).any() else float("nan")
     row["detect_pitch25"] = float(scored["detected_once"][~flat].mean())
     row["sharpness_frontal"] = _nanmean(scored["sharpness"][flat & (np.abs(yaw) <= 15)])
     row["detached_alpha_max"] = float(detached_alpha(data[f"{stage}/views/alpha"]).max())
+    if f"{stage}/views/region" in data:  # suites rendered before the regions were saved have none
+        from ophav_metrics.faces import floater_share
+
+        share = floater_share(data[f"{stage}/views/alpha"] / 255.0, data[f"{stage}/views/region"].astype(bool))
+        row["floaters_max"] = float(share.max())
     drift = [np.full(0, np.nan)]
     for name in ("talk", "nod", "extreme"):
         if f"{stage}/{name}/rgb" in data:  # a suite may have been left out to keep a transfer small
@@ -276,9 +295,10 @@ def score_suite(data, stage: str, portrait: np.ndarray, drivers: dict[str, np.nd
 
 COLUMNS = [("detect_30", "detect ±30°"), ("detect_45", "±45°"), ("detect_60", "±60°"),
            ("detect_pitch25", "pitch ±25°"), ("identity_45_mean", "identity ±45° mean"),
-           ("identity_45_max", "max"), ("identity_talk", "identity talk"), ("colour_drift_p90", "ΔE p90"),
-           ("colour_drift_max", "ΔE max"), ("mouth_corr_talk", "mouth r talk"), ("mouth_corr_nod", "mouth r nod"),
-           ("sharpness_frontal", "sharpness vs portrait"), ("detached_alpha_max", "detached alpha max")]
+           ("identity_45_max", "max"), ("identity_30_max", "identity ±30° max"), ("identity_talk", "identity talk"),
+           ("colour_drift_p90", "ΔE p90"), ("colour_drift_max", "ΔE max"), ("mouth_corr_talk", "mouth r talk"),
+           ("mouth_corr_nod", "mouth r nod"), ("sharpness_frontal", "sharpness vs portrait"),
+           ("detached_alpha_max", "detached alpha max"), ("floaters_max", "floaters max")]
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -302,7 +322,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     header = "| portrait | run | avatar | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * 3 + "---:|" * len(COLUMNS)]
     for row in rows:
-        cells = [f"{row[k]:.2f}" if np.isfinite(row[k]) else "n/a" for k, _ in COLUMNS]
+        cells = [f"{row[k]:.3f}" if k in ("detached_alpha_max", "floaters_max") and np.isfinite(row.get(k, np.nan))
+                 else f"{row[k]:.2f}" if np.isfinite(row.get(k, np.nan)) else "n/a" for k, _ in COLUMNS]
         lines.append(f"| {row['portrait']} | {row['label']} | {row['stage']} | " + " | ".join(cells) + " |")
     (out / "fidelity_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -330,8 +351,13 @@ def cmd_sheet(args: argparse.Namespace) -> None:
             row = np.concatenate(list(views) + [im for group in driven for im in group], axis=1).copy()
             cv2.putText(row, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 0, 0), 1, cv2.LINE_AA)
             rows.append(row)
+            if args.alpha:  # the views' alpha times 4 (alpha 0.25 and up is white): faint haze and floaters show
+                alpha = data[f"{args.stage}/views/alpha"][: len(YAWS)].astype(np.float32) * 4
+                strip = np.concatenate(list(np.clip(alpha, 0, 255).astype(np.uint8)), axis=1)
+                pad = ((0, 0), (0, row.shape[1] - strip.shape[1]), (0, 0))
+                rows.append(np.pad(np.repeat(strip[..., None], 3, axis=2), pad))
         sheet = np.concatenate(rows, axis=0)
-        target = out / f"fidelity_{name}_{args.stage}.jpg"
+        target = out / f"fidelity_{name}_{args.stage}{'_alpha' if args.alpha else ''}.jpg"
         cv2.imwrite(str(target), sheet[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 88])
         print(f"wrote {target}")
 

@@ -279,3 +279,29 @@ def test_stderr_comes_back_when_threads_silence_it_at_once():
         t.join(10)
     assert seen["inside"] == os.devnull and seen["inside after first left"] == os.devnull
     assert target_of_fd2() == before
+
+
+def _cut_below(cut: np.ndarray, column: int) -> int:
+    """The first row of ``column`` where the neck cut has fallen below one half."""
+    return int(np.argmax(cut[:, column] < 0.5))
+
+
+def test_neck_cut_drops_beside_a_jaw_angle_only_where_it_is_the_outer_corner():
+    from ophav_mediapipe.segmenter import neck_cut
+
+    size, right, down, face_w, face_h = (100, 100), np.array([1.0, 0.0]), np.array([0.0, 1.0]), 40.0, 50.0
+    theta = np.linspace(0.0, np.pi, 15)
+    # A frontal lower jaw, a U from the angle at x=30 round the chin (y=70) to the angle at x=70.
+    frontal = np.stack([50 - 20 * np.cos(theta), 50 + 20 * np.sin(theta)], 1)
+    cut = neck_cut(frontal, size, right, down, face_w, face_h, neck_margin=0.1, side_drop=0.2)
+    level = _cut_below(neck_cut(frontal, size, right, down, face_w, face_h, 0.1, side_drop=0.0), 20)
+    assert _cut_below(cut, 20) > level + 5 and _cut_below(cut, 80) > level + 5, "ear lobes kept on both sides"
+    # Turned: the far half of the jaw folds back behind the chin, so on that side the chin (x=22) lies beyond
+    # the angle (x=35) and takes no drop; the near angle (x=75) is still the corner on its side.
+    turned = frontal.copy()
+    turned[:8, 0] = np.linspace(35, 22, 8)
+    turned[8:, 0] = np.linspace(22, 75, 7)
+    cut = neck_cut(turned, size, right, down, face_w, face_h, neck_margin=0.1, side_drop=0.2)
+    flat = neck_cut(turned, size, right, down, face_w, face_h, neck_margin=0.1, side_drop=0.0)
+    assert _cut_below(cut, 10) == _cut_below(flat, 10), "no wedge under the chin of a turned face"
+    assert _cut_below(cut, 90) > _cut_below(flat, 90) + 5

@@ -47,8 +47,8 @@ class MediapipeSegmenterOptions(BaseModel):
         "how far beside the face the head region reaches, in face widths (for ears and hair)"))
     neck_margin: float = Field(0.12, ge=0.0, le=1.0, description=(
         "soft band below the jaw line, in face heights, over which alpha falls from 1 to 0 (the neck is cut)"))
-    side_drop: float = Field(0.15, ge=0.0, le=1.0, description=(
-        "how far below the ends of the jaw line the head region reaches beside the jaw (ear lobes, hair beside the "
-        "face), in face heights; more lets shoulders and collars in, which the avatar learns as a dark shape under "
-        "the jaw"))
+    side_drop: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "how far below the ends of the jaw line the head region reaches beside the jaw (ear lobes), in face "
+        "heights, on the sides where the jaw angle is the face's outer corner; more lets collars and the neck "
+        "behind the jaw in, which the avatar learns as dark streaks behind and under the jaw"))
     feather: float = Field(0.03, ge=0.0, le=0.5, description="softness of the head region's other edges, in face widths")

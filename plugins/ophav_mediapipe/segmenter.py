@@ -163,17 +163,23 @@ def neck_cut(jaw: np.ndarray, size: tuple[int, int], right: np.ndarray, down: np
              face_h: float, neck_margin: float, side_drop: float = 1.0) -> np.ndarray:
     """1 above the jaw line, falling smoothly to 0 over ``neck_margin`` face heights below it.
 
-    The cut follows the lower jaw (below the mouth, between the jaw angles) and, beside them, lies ``side_drop``
-    face heights below the jaw's ends: the upper jaw rises steeply to the ears, and cutting under it would remove
-    the cheeks' sides, the ears and the hair beside the face; lower, the shoulders and collars come in."""
+    ``jaw`` (J, 2) is the lower jaw in its chain order, from one jaw angle to the other. The cut follows it and,
+    beside it, lies up to ``side_drop`` face heights below its ends: the upper jaw rises steeply to the ears, and
+    cutting level with the jaw's end would cut the ear lobes. The drop is only taken on a side whose jaw angle
+    is the outline's corner there. On a face turned past about 40 degrees, the far angle is hidden behind the
+    cheek and the chin is the outermost point on that side. A drop there keeps a wedge of the throat under the
+    chin, which the avatar learns as a spike."""
     width, height = size
     ja, jb = jaw @ right, jaw @ down
+    ramp = 0.05 * face_w
+    drops = []
+    for end, outward in ((0, 1.0), (-1, -1.0)) if ja[0] > ja[-1] else ((-1, 1.0), (0, -1.0)):
+        beyond = outward * ja - outward * ja[end]  # how far past this jaw angle, outwards, each jaw point lies
+        drops.append(side_drop * face_h * float(np.clip(1.0 - beyond.max() / (2 * ramp), 0.0, 1.0)))
     order = np.argsort(ja)
     ja, jb = ja[order], jb[order]
-    chin_b = jb.max()
-    ramp = 0.05 * face_w
     ja = np.concatenate([[ja[0] - ramp], ja, [ja[-1] + ramp]])
-    jb = np.concatenate([[jb[0] + side_drop * face_h], jb, [jb[-1] + side_drop * face_h]])
+    jb = np.concatenate([[jb[0] + drops[1]], jb, [jb[-1] + drops[0]]])
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     pa = xs * right[0] + ys * right[1]
     pb = xs * down[0] + ys * down[1]
