@@ -167,19 +167,23 @@ def neck_cut(jaw: np.ndarray, size: tuple[int, int], right: np.ndarray, down: np
     beside it, lies up to ``side_drop`` face heights below its ends: the upper jaw rises steeply to the ears, and
     cutting level with the jaw's end would cut the ear lobes. The drop is only taken on a side whose jaw angle
     is the outline's corner there. On a face turned past about 40 degrees, the far angle is hidden behind the
-    cheek and the chin is the outermost point on that side. A drop there keeps a wedge of the throat under the
-    chin, which the avatar learns as a spike."""
+    cheek and the chin is the outermost point on that side: a drop there would reach below the chin into the
+    throat."""
     width, height = size
     ja, jb = jaw @ right, jaw @ down
     ramp = 0.05 * face_w
-    drops = []
-    for end, outward in ((0, 1.0), (-1, -1.0)) if ja[0] > ja[-1] else ((-1, 1.0), (0, -1.0)):
-        beyond = outward * ja - outward * ja[end]  # how far past this jaw angle, outwards, each jaw point lies
-        drops.append(side_drop * face_h * float(np.clip(1.0 - beyond.max() / (2 * ramp), 0.0, 1.0)))
+    right_end, left_end = (0, -1) if ja[0] > ja[-1] else (-1, 0)  # the chain's ends: the jaw angles
+
+    def drop(end: int, outward: float) -> float:
+        """The full drop where no jaw point lies beyond this angle (outwards), none from 2 ramps beyond."""
+        beyond = (outward * (ja - ja[end])).max()
+        return side_drop * face_h * float(np.clip(1.0 - beyond / (2 * ramp), 0.0, 1.0))
+
+    drop_right, drop_left = drop(right_end, 1.0), drop(left_end, -1.0)
     order = np.argsort(ja)
     ja, jb = ja[order], jb[order]
     ja = np.concatenate([[ja[0] - ramp], ja, [ja[-1] + ramp]])
-    jb = np.concatenate([[jb[0] + drops[1]], jb, [jb[-1] + drops[0]]])
+    jb = np.concatenate([[jb[0] + drop_left], jb, [jb[-1] + drop_right]])
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     pa = xs * right[0] + ys * right[1]
     pb = xs * down[0] + ys * down[1]
