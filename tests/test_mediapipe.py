@@ -303,5 +303,5 @@ def test_neck_cut_drops_beside_a_jaw_angle_only_where_it_is_the_outer_corner():
     turned[8:, 0] = np.linspace(22, 75, 7)
     cut = neck_cut(turned, size, right, down, face_w, face_h, neck_margin=0.1, side_drop=0.2)
     flat = neck_cut(turned, size, right, down, face_w, face_h, neck_margin=0.1, side_drop=0.0)
-    assert _cut_below(cut, 10) == _cut_below(flat, 10), "no wedge under the chin of a turned face"
+    assert _cut_below(cut, 10) == _cut_below(flat, 10), "no drop below the chin of a turned face"
     assert _cut_below(cut, 90) > _cut_below(flat, 90) + 5
