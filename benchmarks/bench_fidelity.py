@@ -263,6 +263,9 @@ def score_suite(data, stage: str, portrait: np.ndarray, drivers: dict[str, np.nd
         row[f"identity_{band}_mean"] = _nanmean(ident)
         row[f"identity_{band}_max"] = float(np.nanmax(ident)) if np.isfinite(ident).any() else float("nan")
     row["detect_pitch25"] = float(scored["detected_once"][~flat].mean())
+    # Per view, in the order of ``yaw`` / ``pitch``, for finding the view behind a figure (JSON only).
+    row["views_detected"] = scored["detected_once"].astype(int).tolist()
+    row["views_identity"] = [None if not np.isfinite(v) else round(float(v), 4) for v in scored["identity"]]
     row["sharpness_frontal"] = _nanmean(scored["sharpness"][flat & (np.abs(yaw) <= 15)])
     row["detached_alpha_max"] = float(detached_alpha(data[f"{stage}/views/alpha"]).max())
     if f"{stage}/views/region" in data:  # suites rendered before the regions were saved have none
@@ -270,6 +273,7 @@ def score_suite(data, stage: str, portrait: np.ndarray, drivers: dict[str, np.nd
 
         share = floater_share(data[f"{stage}/views/alpha"] / 255.0, data[f"{stage}/views/region"].astype(bool))
         row["floaters_max"] = float(share.max())
+        row["views_floaters"] = [round(float(v), 5) for v in share]
     drift = [np.full(0, np.nan)]
     for name in ("talk", "nod", "extreme"):
         if f"{stage}/{name}/rgb" in data:  # a suite may have been left out to keep a transfer small
@@ -318,7 +322,8 @@ def cmd_score(args: argparse.Namespace) -> None:
                 continue
             row = {"portrait": name, "label": label, "stage": stage, **score_suite(data, stage, portrait, drivers)}
             rows.append(row)
-            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                           if not k.startswith("views_")), flush=True)
     (out / "fidelity_scores.json").write_text(json.dumps(rows, indent=1))
     header = "| portrait | run | avatar | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * 3 + "---:|" * len(COLUMNS)]
