@@ -15,14 +15,14 @@ What is rendered for each avatar (its round-0 fit and its final avatar), at the 
   relative motion as ``ophav render --driver``;
 * ``extreme``: benchmarks/extreme_expressions.yaml (full intensities combined), coefficients scaled by 1.5.
 
-Each render keeps its alpha and its tracked head region (the projected mesh's hull grown by the hair/neck band, as
-``ophav eval`` derives it), so ``score`` reports both floater figures: ``floaters max`` (the share of the image
-with alpha above 0.05 outside that region, issue 15's criterion) and ``detached alpha max`` (alpha not connected to
-the head's opaque blob, which also counts soft hair edges). The driver frames are saved once (``drivers.npz``) for
-the mouth-opening correlation. Each avatar's renders are ``fid_<label>_<portrait>.npz`` (the views) plus a
-``fidpart_*`` file per other stage/suite beside it (a device call returns at most 8 files of 16 MiB; bring one
-portrait's standard-profile suite back per call), which ``score`` and ``sheet`` merge: pass them the ``fid_*``
-files.
+Each render keeps its alpha, and each view its tracked head region (the projected mesh's hull grown by the
+hair/neck band, as ``ophav eval`` derives it), so ``score`` reports both floater figures: ``floaters max`` (the
+share of the image with alpha above 0.05 outside that region, issue 15's criterion) and ``detached alpha max``
+(alpha not connected to the head's opaque blob, which also counts soft hair edges). The driver frames are saved
+once (``drivers.npz``) for the mouth-opening correlation. Each avatar's renders are ``fid_<label>_<portrait>.npz``
+(the views) plus a ``fidpart_*`` file per other stage/suite beside it (a device call returns at most 8 files of 16
+MiB; bring one portrait's standard-profile suite back per call), which ``score`` and ``sheet`` merge: pass them the
+``fid_*`` files.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def render_suite(avatar_path: Path, drivers: dict[str, object], work: Path, devi
         out[f"{name}/rgb"] = result.rgb
         out[f"{name}/alpha"] = np.rint(result.alpha * 255).astype(np.uint8)
         out[f"{name}/seconds"] = np.float32(time.perf_counter() - started)
-        out[f"{name}/region"] = head_regions(template, request)
+        if name == "views":  # the floaters figure is scored on the views only
+            out[f"{name}/region"] = head_regions(template, request)
 
     resolution = (size, size) if size else None
     yaw, pitch = view_grid()
